@@ -1,0 +1,255 @@
+"""On-disk activation cache: safetensors shards plus a JSON manifest with checksums.
+
+Layout of a cache folder::
+
+    manifest.json              model, sites, d, dtype, context length, token count, shards
+    shard_00000.safetensors    one [n, d] tensor per site; row i of every site is the same token
+
+`write_cache` fills it from `stream` (so shards are already mixed across documents);
+`CachedActivations(path).batches(...)` reads it back memory-mapped, reshuffled, with
+no model forward. Truncated or altered shards are detected (size, then sha256).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save
+from torch import Tensor
+
+from .buffer import Batch, ShuffleBuffer
+from .model import LanguageModel
+from .stream import TextSource, stream
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class CacheError(ValueError):
+    """A cache folder is missing, incomplete or corrupted."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_shard(folder: Path, index: int, rows: Batch, dtype: torch.dtype) -> dict[str, Any]:
+    name = f"shard_{index:05d}.safetensors"
+    data = save({k: v.to("cpu", dtype).contiguous() for k, v in rows.items()})
+    (folder / name).write_bytes(data)
+    n = next(iter(rows.values())).shape[0]
+    return {"file": name, "n_tokens": n, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def write_cache(
+    lm: LanguageModel,
+    sites: str | list[str],
+    out: str | os.PathLike,
+    n_tokens: int | None = None,
+    texts: TextSource | None = None,
+    context_len: int = 128,
+    shard_tokens: int = 65536,
+    dtype: str = "float32",
+    seed: int = 0,
+    lm_batch_size: int = 32,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Harvest activations at `sites` into a cache folder at `out`; returns its path.
+
+    Arguments as for `stream`; `dtype` (float32, float16, bfloat16) is the storage type.
+    The folder appears only when complete (written beside it, then renamed).
+    """
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out} already exists and is not empty; choose another --out or pass --overwrite")
+    sites = [sites] if isinstance(sites, str) else list(sites)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        shards: list[dict[str, Any]] = []
+        pending: list[Batch] = []
+        n_pending = 0
+
+        def flush(upto: int) -> None:
+            nonlocal pending, n_pending
+            merged = {s: torch.cat([p[s] for p in pending]) for s in sites}
+            shards.append(_write_shard(tmp, len(shards), {s: v[:upto] for s, v in merged.items()}, _DTYPES[dtype]))
+            rest = {s: v[upto:] for s, v in merged.items()}
+            n_pending -= upto
+            pending = [rest] if n_pending else []
+
+        rows_iter = stream(
+            lm, sites, texts=texts, context_len=context_len, batch_size=min(4096, shard_tokens),
+            n_tokens=n_tokens, seed=seed, lm_batch_size=lm_batch_size, progress=progress,
+        )
+        for rows in rows_iter:
+            pending.append(rows)
+            n_pending += next(iter(rows.values())).shape[0]
+            while n_pending >= shard_tokens:
+                flush(shard_tokens)
+        if n_pending:
+            flush(n_pending)
+        if not shards:
+            raise ValueError("no tokens were harvested: the text source is empty or shorter than one window")
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "model": lm.name,
+            "sites": sites,
+            "d": lm.d_model,
+            "dtype": dtype,
+            "context_len": context_len,
+            "n_tokens": sum(s["n_tokens"] for s in shards),
+            "special_tokens_dropped": True,
+            "shards": shards,
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; a cache is meant to be shared
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+class CachedActivations:
+    """Read a cache folder written by `write_cache` (checks shard sizes on open).
+
+    `verify=True` also checks each shard's sha256 before its first use in an iteration.
+    """
+
+    def __init__(self, path: str | os.PathLike, verify: bool = True) -> None:
+        self.path = Path(path)
+        manifest_path = self.path / MANIFEST
+        if not manifest_path.is_file():
+            raise CacheError(
+                f"{manifest_path} not found: {self.path} is not an activation cache "
+                "(create one with `sae cache ...` or activations.cache.write_cache)"
+            )
+        try:
+            self.manifest: dict[str, Any] = json.loads(manifest_path.read_text())
+        except json.JSONDecodeError as e:
+            raise CacheError(f"{manifest_path} is not valid JSON ({e}); rebuild the cache") from e
+        if self.manifest.get("format_version") != FORMAT_VERSION:
+            raise CacheError(f"{manifest_path} has format_version {self.manifest.get('format_version')}, "
+                             f"this reader needs {FORMAT_VERSION}; rebuild the cache")
+        self.verify = verify
+        self._verified: set[str] = set()
+        for shard in self.manifest["shards"]:
+            file = self.path / shard["file"]
+            size = file.stat().st_size if file.is_file() else None
+            if size != shard["bytes"]:
+                raise CacheError(
+                    f"{file} is {'missing' if size is None else f'{size} bytes'}, the manifest says "
+                    f"{shard['bytes']}: the cache is truncated or incomplete; delete {self.path} and rebuild it"
+                )
+
+    @property
+    def sites(self) -> list[str]:
+        return list(self.manifest["sites"])
+
+    @property
+    def d(self) -> int:
+        return int(self.manifest["d"])
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.manifest["n_tokens"])
+
+    @property
+    def model(self) -> str:
+        return str(self.manifest["model"])
+
+    def __len__(self) -> int:
+        return self.n_tokens
+
+    def _check(self, shard: dict[str, Any]) -> Path:
+        file = self.path / shard["file"]
+        if self.verify and shard["file"] not in self._verified:
+            if _sha256(file) != shard["sha256"]:
+                raise CacheError(
+                    f"{file} does not match its sha256 in {self.path / MANIFEST}: the shard was altered "
+                    f"or corrupted; delete {self.path} and rebuild it"
+                )
+            self._verified.add(shard["file"])
+        return file
+
+    def _sites(self, sites: str | list[str] | None) -> list[str]:
+        if sites is None:
+            return self.sites
+        names = [sites] if isinstance(sites, str) else list(sites)
+        unknown = [s for s in names if s not in self.manifest["sites"]]
+        if unknown:
+            raise ValueError(f"{self.path} holds no site {unknown}; it has {self.sites}")
+        return names
+
+    def read_shard(self, index: int, sites: str | list[str] | None = None) -> Batch:
+        """One shard's rows {site: [n, d] float32}, in stored order (memory-mapped read)."""
+        file = self._check(self.manifest["shards"][index])
+        with safe_open(str(file), framework="pt") as f:
+            return {s: f.get_tensor(s).float() for s in self._sites(sites)}
+
+    def batch_dicts(
+        self,
+        batch_size: int,
+        sites: str | list[str] | None = None,
+        seed: int = 0,
+        epochs: int = 1,
+        buffer_tokens: int | None = None,
+        drop_last: bool = False,
+        device: str | torch.device = "cpu",
+    ) -> Iterator[Batch]:
+        """Shuffled batches {site: [batch_size, d] float32}; every token once per epoch.
+
+        Shards are visited in a random order and mixed through a shuffle buffer of
+        `buffer_tokens` rows (default: two shards' worth, at least 4 batches).
+        """
+        names = self._sites(sites)
+        largest = max(s["n_tokens"] for s in self.manifest["shards"])
+        capacity = buffer_tokens or max(2 * largest, 4 * batch_size)
+        for epoch in range(epochs):
+            gen = torch.Generator().manual_seed(seed + epoch)
+            buffer = ShuffleBuffer(capacity, batch_size, seed=seed + epoch)
+            for index in torch.randperm(len(self.manifest["shards"]), generator=gen).tolist():
+                for batch in buffer.push(self.read_shard(index, names)):
+                    yield {k: v.to(device) for k, v in batch.items()}
+            for batch in buffer.drain(drop_last):
+                yield {k: v.to(device) for k, v in batch.items()}
+
+    def batches(
+        self,
+        batch_size: int,
+        site: str | None = None,
+        seed: int = 0,
+        epochs: int = 1,
+        buffer_tokens: int | None = None,
+        drop_last: bool = False,
+        device: str | torch.device = "cpu",
+    ) -> Iterator[Tensor]:
+        """Shuffled [batch_size, d] float32 tensors of one site (the trainer's input).
+
+        `site` may be omitted when the cache holds a single site.
+        """
+        if site is None:
+            if len(self.sites) != 1:
+                raise ValueError(f"{self.path} holds several sites {self.sites}; pass site=...")
+            site = self.sites[0]
+        for batch in self.batch_dicts(batch_size, site, seed, epochs, buffer_tokens, drop_last, device):
+            yield batch[site]

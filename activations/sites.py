@@ -1,0 +1,102 @@
+"""TransformerLens-style hook-site names mapped onto transformers modules.
+
+A site is `blocks.{L}.hook_{kind}`; each kind is read off one module of decoder layer L:
+resid_pre = the layer's input, resid_post = its output, attn_out / mlp_out = the outputs of
+its attention / MLP submodules. The families differ only in attribute names.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from .model import LanguageModel
+
+KINDS = ("resid_pre", "resid_post", "attn_out", "mlp_out")
+_SITE_RE = re.compile(r"^blocks\.(\d+)\.hook_(resid_pre|resid_post|attn_out|mlp_out)$")
+# Paths to the decoder-layer list (Llama/Qwen/Mistral/Gemma, GPT-2, GPT-NeoX, OPT/Falcon-like).
+_LAYER_PATHS = ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers", "transformer.layers")
+_ATTN_NAMES = ("self_attn", "attn", "attention", "self_attention")
+_MLP_NAMES = ("mlp", "feed_forward", "ffn")
+
+
+@dataclass(frozen=True)
+class Site:
+    """A parsed hook-site name."""
+
+    name: str
+    """The full TransformerLens name, e.g. `blocks.3.hook_resid_post`."""
+    layer: int
+    """Decoder layer index."""
+    kind: str
+    """One of `KINDS`."""
+
+
+def valid_sites(lm: LanguageModel) -> list[str]:
+    """Every site name this model supports, layer by layer."""
+    return [f"blocks.{layer}.hook_{kind}" for layer in range(lm.n_layers) for kind in KINDS]
+
+
+def parse_site(lm: LanguageModel, name: str) -> Site:
+    """Parse and check one site name; unknown names raise ValueError listing the valid ones."""
+    m = _SITE_RE.match(name)
+    if m is None or int(m.group(1)) >= lm.n_layers:
+        raise ValueError(
+            f"Unknown hook site {name!r} for {lm.name} ({lm.n_layers} layers). Valid sites are "
+            f"blocks.{{0..{lm.n_layers - 1}}}.hook_{{{','.join(KINDS)}}}: {', '.join(valid_sites(lm))}"
+        )
+    return Site(name, int(m.group(1)), m.group(2))
+
+
+def parse_sites(lm: LanguageModel, names: str | list[str]) -> list[Site]:
+    """Parse a site name or a list of them (duplicates removed, order kept)."""
+    if isinstance(names, str):
+        names = [names]
+    if not names:
+        raise ValueError("No hook sites given; pass e.g. ['blocks.0.hook_resid_post'] (see valid_sites(lm)).")
+    return [parse_site(lm, n) for n in dict.fromkeys(names)]
+
+
+def _get_path(obj: Any, path: str) -> Any:
+    for part in path.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The list of decoder layers of a transformers causal LM."""
+    for path in _LAYER_PATHS:
+        layers = _get_path(model, path)
+        if isinstance(layers, nn.ModuleList):
+            return layers
+    n = getattr(model.config, "num_hidden_layers", None)
+    for _, module in model.named_modules():  # unknown family: the ModuleList of n_layers entries
+        if isinstance(module, nn.ModuleList) and len(module) == n:
+            return module
+    raise ValueError(
+        f"Cannot find the decoder layers of {type(model).__name__}; supported families are "
+        f"Llama/Qwen/Mistral, GPT-2 and GPT-NeoX (looked for {', '.join(_LAYER_PATHS)})."
+    )
+
+
+def _child(layer: nn.Module, names: tuple[str, ...], what: str) -> nn.Module:
+    for n in names:
+        module = getattr(layer, n, None)
+        if isinstance(module, nn.Module):
+            return module
+    raise ValueError(f"Cannot find the {what} module of {type(layer).__name__} (looked for {', '.join(names)}).")
+
+
+def site_module(model: nn.Module, site: Site) -> nn.Module:
+    """The module whose input (resid_pre) or output (other kinds) is the site's activation."""
+    layer = decoder_layers(model)[site.layer]
+    if site.kind == "attn_out":
+        return _child(layer, _ATTN_NAMES, "attention")
+    if site.kind == "mlp_out":
+        return _child(layer, _MLP_NAMES, "MLP")
+    return layer
