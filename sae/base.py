@@ -1,0 +1,136 @@
+"""The interface every SAE architecture shares, and the pieces they have in common."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from sae.config import SAEConfig
+
+
+@dataclass
+class SAEOutput:
+    """What `BaseSAE.loss` returns: the total loss, its named parts, and what metrics need."""
+
+    loss: Tensor
+    x_hat: Tensor
+    parts: dict[str, Tensor]
+    fired: Tensor
+    """Indices of the latents that fired anywhere in the batch (for dead-latent tracking)."""
+    l0: Tensor
+    """Mean number of active latents per token."""
+    fire_counts: Tensor | None = field(default=None)
+    """Per-latent firing counts over the batch [n_latents] (for density statistics)."""
+
+
+def fvu(x: Tensor, x_hat: Tensor) -> Tensor:
+    """Fraction of variance unexplained, with the total variance summed over dimensions."""
+    total = (x - x.mean(dim=0)).pow(2).sum()
+    return (x - x_hat).pow(2).sum() / total.clamp_min(torch.finfo(x.dtype).tiny)
+
+
+def check_input(x: Tensor, d_in: int) -> None:
+    """Fail early, naming the problem, on activations an SAE cannot be trained or run on."""
+    if x.ndim != 2 or x.shape[-1] != d_in:
+        raise ValueError(
+            f"expected activations of shape [batch, d_in={d_in}], got {tuple(x.shape)}; "
+            "flatten batch and sequence dims and check the SAE was built for this site"
+        )
+    if not torch.isfinite(x).all():
+        bad = (~torch.isfinite(x)).any(dim=-1).nonzero().flatten()[:5].tolist()
+        raise ValueError(
+            f"activations contain NaN or inf (rows {bad}...); check the model's dtype (fp16 overflow) "
+            "and drop those tokens before training"
+        )
+
+
+class BaseSAE(nn.Module):
+    """An SAE: `encode` to dense codes, `decode` them back, `loss` for training.
+
+    Weights use latent rows for both directions: W_enc [n_latents, d_in], W_dec [n_latents, d_in].
+    """
+
+    unit_norm_decoder: bool = True
+    """Keep decoder rows at unit norm during training (the trainer enforces it)."""
+
+    def __init__(self, cfg: SAEConfig):
+        super().__init__()
+        self.cfg = cfg
+        w_dec = torch.empty(cfg.n_latents, cfg.d_in)
+        nn.init.kaiming_uniform_(w_dec)
+        w_dec /= w_dec.norm(dim=-1, keepdim=True)
+        self.W_dec = nn.Parameter(w_dec)
+        # Encoder starts as the decoder's transpose (OpenAI): latents begin as clean projections.
+        self.W_enc = nn.Parameter(w_dec.clone())
+        self.b_enc = nn.Parameter(torch.zeros(cfg.n_latents))
+        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
+        # Inputs are multiplied by this before encoding and outputs divided by it after decoding,
+        # so training can run on normalised activations while the interface stays in raw units.
+        # `save` folds it into the weights (a saved SAE always has scale 1).
+        self.register_buffer("input_scale", torch.tensor(1.0))
+
+    # -- the interface ------------------------------------------------------------------------
+    def centered(self, x: Tensor) -> Tensor:
+        """The encoder's input: scaled activations minus the decoder bias."""
+        return x * self.input_scale - self.b_dec
+
+    def pre_activations(self, x: Tensor) -> Tensor:
+        return self.centered(x) @ self.W_enc.T + self.b_enc
+
+    def encode(self, x: Tensor) -> Tensor:
+        """Dense codes [N, n_latents] for activations x [N, d_in]."""
+        raise NotImplementedError
+
+    def decode(self, z: Tensor) -> Tensor:
+        """Reconstruction [N, d_in] from dense codes z [N, n_latents]."""
+        return (z @ self.W_dec + self.b_dec) / self.input_scale
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.decode(self.encode(x))
+
+    def loss(self, x: Tensor, dead_mask: Tensor | None = None) -> SAEOutput:
+        """Training loss on a batch; `dead_mask` [n_latents] marks latents the trainer found dead."""
+        raise NotImplementedError
+
+    # -- shared helpers -----------------------------------------------------------------------
+    def check_input(self, x: Tensor) -> None:
+        check_input(x, self.cfg.d_in)
+
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        self.W_dec /= self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+
+    @torch.no_grad()
+    def remove_parallel_grads(self) -> None:
+        """Drop the gradient part along each decoder row, which renormalising would undo anyway."""
+        if self.W_dec.grad is None:
+            return
+        w = self.W_dec / self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+        self.W_dec.grad -= (self.W_dec.grad * w).sum(dim=-1, keepdim=True) * w
+
+    @torch.no_grad()
+    def folded_state_dict(self) -> dict[str, Tensor]:
+        """The state with `input_scale` folded into the weights: same encodings and outputs on raw
+        activations, scale 1. Pre-activations are unchanged, so thresholds need no change."""
+        state = {name: t.detach().clone() for name, t in self.state_dict().items()}
+        scale = state["input_scale"]
+        state["W_enc"] *= scale
+        state["W_dec"] /= scale
+        state["b_dec"] /= scale
+        state["input_scale"] = torch.ones_like(scale)
+        return state
+
+    def save(self, path: str) -> None:
+        from sae.checkpoint import save_sae
+
+        save_sae(self, path)
+
+    @property
+    def device(self) -> torch.device:
+        return self.W_dec.device
+
+
+def dense_from_sparse(vals: Tensor, idx: Tensor, n_latents: int) -> Tensor:
+    """Dense codes [N, n_latents] from (vals, idx) [N, k]."""
+    return torch.zeros(vals.shape[0], n_latents, dtype=vals.dtype, device=vals.device).scatter_add_(1, idx, vals)

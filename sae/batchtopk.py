@@ -1,0 +1,63 @@
+"""BatchTopK SAE (Bussmann et al.): keep the top k·B activations over a whole batch while training;
+at inference a learned global threshold replaces the batch dependence."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+import kernels
+from sae.base import BaseSAE, SAEOutput, dense_from_sparse
+from sae.config import SAEConfig
+from sae.topk import TopKSAE, topk_family_output
+
+THRESHOLD_MOMENTUM = 0.99
+
+
+class BatchTopKSAE(BaseSAE):
+    """k active latents per token on average; per-token sparsity adapts to the token."""
+
+    def __init__(self, cfg: SAEConfig):
+        super().__init__(cfg)
+        # Running mean of the smallest kept activation: the inference-time threshold.
+        self.register_buffer("threshold", torch.tensor(-1.0))
+
+    def encode_sparse(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Batch-level top-k codes as (values, indices) [N, k_max]; rows are zero-padded."""
+        return tuple(
+            kernels.batch_topk_encode(self.centered(x), self.W_enc, self.b_enc, self.cfg.k, backend=self.cfg.kernel_backend)
+        )
+
+    decode_sparse = TopKSAE.decode_sparse
+
+    def encode(self, x: Tensor) -> Tensor:
+        """Batch top-k while training (or before a threshold exists), the threshold otherwise."""
+        if self.training or self.threshold < 0:
+            vals, idx = self.encode_sparse(x)
+            return dense_from_sparse(vals, idx, self.cfg.n_latents)
+        pre = self.pre_activations(x)
+        return pre * (pre > self.threshold)
+
+    def loss(self, x: Tensor, dead_mask: Tensor | None = None) -> SAEOutput:
+        vals, idx = self.encode_sparse(x)
+        self._update_threshold(vals)
+        aux = None
+        if dead_mask is not None and dead_mask.any():
+            # AuxK among the dead latents only: a GEMM over just their encoder rows.
+            dead = dead_mask.nonzero().flatten()
+            k_aux = min(self.cfg.effective_k_aux, dead.numel())
+            aux_vals, local = kernels.topk_encode(
+                self.centered(x), self.W_enc[dead], self.b_enc[dead], k_aux, backend=self.cfg.kernel_backend
+            )
+            aux = kernels.SparseCodes(aux_vals, dead[local])
+        return topk_family_output(self, x, vals, idx, aux)
+
+    @torch.no_grad()
+    def _update_threshold(self, vals: Tensor) -> None:
+        kept = vals[vals > 0]
+        if kept.numel() == 0:
+            return
+        smallest = kept.min()
+        if self.threshold < 0:
+            self.threshold.copy_(smallest)
+        else:
+            self.threshold.mul_(THRESHOLD_MOMENTUM).add_((1 - THRESHOLD_MOMENTUM) * smallest)

@@ -1,0 +1,258 @@
+"""Training: Adam with warm-up and decay, dead-latent tracking, metrics, checkpoints, resume."""
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from sae.base import BaseSAE
+from sae.checkpoint import load_state, read_json, read_tensors, replace_dir, write_json, write_tensors
+from sae.config import SAEConfig, TrainConfig
+from sae.logging import RunLogger
+
+STATE_TENSORS = "trainer_state.safetensors"
+STATE_JSON = "trainer_state.json"
+
+
+class Trainer:
+    """Trains one SAE. `fit` runs the loop; `train_step` is one optimiser step on one batch."""
+
+    def __init__(self, model: BaseSAE, cfg: TrainConfig | None = None, logger: RunLogger | None = None, name: str = "sae"):
+        self.model = model
+        self.cfg = cfg or TrainConfig()
+        self.logger = logger
+        self.name = name
+        self.lr = self.cfg.learning_rate(model.cfg.n_latents)
+        self.optimizer = torch.optim.Adam(model.parameters(), lr=self.lr, betas=self.cfg.adam_betas)
+        self.step = 0
+        self.tokens = 0
+        self.total_steps = self.cfg.steps
+        n = model.cfg.n_latents
+        self.tokens_since_fired = torch.zeros(n, dtype=torch.long, device=model.device)
+        self.window_counts = torch.zeros(n, dtype=torch.long, device=model.device)
+        self.window_tokens = 0
+        self.window_sums: dict[str, float] = {}
+        self.window_steps = 0
+        self.last_metrics: dict[str, float] = {}
+
+    # -- one step -----------------------------------------------------------------------------
+    def lr_at(self, step: int) -> float:
+        """Linear warm-up, flat, then linear decay to 0 over the final `decay_fraction` of steps."""
+        factor = min(1.0, (step + 1) / max(1, self.cfg.warmup_steps))
+        if self.total_steps:
+            decay_start = self.total_steps * (1 - self.cfg.decay_fraction)
+            if step >= decay_start:
+                factor = min(factor, max(0.0, (self.total_steps - step) / max(1.0, self.total_steps - decay_start)))
+        return self.lr * factor
+
+    @torch.no_grad()
+    def initialize(self, x: Tensor) -> None:
+        """Data-dependent initialisation from the first batch: input scale and b_dec."""
+        if self.cfg.normalize_inputs:
+            self.model.input_scale.fill_(self.model.cfg.d_in**0.5 / x.norm(dim=-1).mean().clamp_min(1e-8))
+        scaled = x * self.model.input_scale
+        if self.cfg.b_dec_init == "mean":
+            self.model.b_dec.copy_(scaled.mean(dim=0))
+        elif self.cfg.b_dec_init == "geometric_median":
+            self.model.b_dec.copy_(geometric_median(scaled))
+
+    def dead_mask(self) -> Tensor:
+        return self.tokens_since_fired >= self.cfg.dead_tokens
+
+    def train_step(self, x: Tensor) -> None:
+        self.model.check_input(x)
+        x = x.to(self.model.device, torch.float32)
+        if self.step == 0:
+            self.initialize(x)
+        self.model.train()
+        out = self.model.loss(x, dead_mask=self.dead_mask())
+        self.optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        if self.model.unit_norm_decoder:
+            self.model.remove_parallel_grads()
+        if self.cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr_at(self.step)
+        self.optimizer.step()
+        if self.model.unit_norm_decoder:
+            self.model.normalize_decoder()
+        if hasattr(self.model, "threshold") and isinstance(self.model.threshold, torch.nn.Parameter):
+            with torch.no_grad():
+                self.model.threshold.clamp_(min=0.0)
+
+        n_tokens = x.shape[0]
+        self.step += 1
+        self.tokens += n_tokens
+        self.tokens_since_fired += n_tokens
+        self.tokens_since_fired[out.fired] = 0
+        self.window_counts += out.fire_counts
+        self.window_tokens += n_tokens
+        self.window_steps += 1
+        for key, value in {"loss": out.loss, "l0": out.l0, **out.parts}.items():
+            self.window_sums[key] = self.window_sums.get(key, 0.0) + float(value.detach())
+
+    def metrics(self) -> dict[str, float]:
+        """Means over the steps since the last call, then resets that window."""
+        steps = max(1, self.window_steps)
+        result = {key: total / steps for key, total in self.window_sums.items()}
+        if "fvu" in result:
+            result["explained_variance"] = 1.0 - result["fvu"]
+        density = self.window_counts.float() / max(1, self.window_tokens)
+        result["dead_fraction"] = self.dead_mask().float().mean().item()
+        result["dense_fraction"] = (density > self.cfg.dense_threshold).float().mean().item()
+        result["lr"] = self.lr_at(max(0, self.step - 1))
+        result["tokens"] = float(self.tokens)
+        self.window_sums, self.window_steps = {}, 0
+        self.window_counts.zero_()
+        self.window_tokens = 0
+        self.last_metrics = result
+        return result
+
+    # -- the loop -----------------------------------------------------------------------------
+    def fit(self, batches: Iterable[Tensor], progress: bool = True) -> BaseSAE:
+        """Train on any iterable of [B, d_in] tensors; returns the trained model."""
+        fit_many({self.name: self}, ({self.name: b} for b in batches), total_steps=_length(batches), progress=progress)
+        return self.model
+
+    # -- checkpoints --------------------------------------------------------------------------
+    def checkpoint_dir(self) -> Path:
+        if self.cfg.out_dir is None:
+            raise ValueError("TrainConfig.out_dir is not set: nowhere to write checkpoints")
+        return Path(self.cfg.out_dir) / self.name
+
+    def save_checkpoint(self, path: str | Path | None = None) -> Path:
+        """The usable SAE (scale folded in) plus the exact training state, swapped in atomically."""
+        target = Path(path) if path is not None else self.checkpoint_dir()
+        optim = self.optimizer.state_dict()
+        tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
+        for index, state in optim["state"].items():
+            tensors.update({f"optim.{index}.{key}": torch.as_tensor(value) for key, value in state.items()})
+        tensors["tokens_since_fired"] = self.tokens_since_fired
+        tensors["rng_state"] = torch.get_rng_state()
+        info = {
+            "format_version": 1,
+            "name": self.name,
+            "step": self.step,
+            "tokens": self.tokens,
+            "total_steps": self.total_steps,
+            "sae_config": self.model.cfg.to_dict(),
+            "train_config": self.cfg.to_dict(),
+        }
+
+        def build(tmp: Path) -> None:
+            self.model.save(tmp / "sae")
+            write_tensors(tmp / STATE_TENSORS, tensors)
+            write_json(tmp / STATE_JSON, info)
+
+        replace_dir(build, target)
+        return target
+
+    @classmethod
+    def resume(cls, path: str | Path, logger: RunLogger | None = None, **overrides) -> "Trainer":
+        """Rebuild a trainer exactly as it was saved; `fit` then skips the batches already seen."""
+        from sae import create
+
+        path = Path(path)
+        info = read_json(path / STATE_JSON)
+        tensors = read_tensors(path / STATE_TENSORS)
+        train_cfg = TrainConfig.from_dict({**info["train_config"], **overrides})
+        model = create(SAEConfig.from_dict(info["sae_config"]))
+        load_state(model, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, source=path / STATE_TENSORS)
+        trainer = cls(model, train_cfg, logger=logger, name=info["name"])
+        optim = trainer.optimizer.state_dict()
+        for key, value in tensors.items():
+            if key.startswith("optim."):
+                _, index, name = key.split(".", 2)
+                optim["state"].setdefault(int(index), {})[name] = value
+        trainer.optimizer.load_state_dict(optim)
+        trainer.tokens_since_fired.copy_(tensors["tokens_since_fired"])
+        torch.set_rng_state(tensors["rng_state"])
+        trainer.step, trainer.tokens, trainer.total_steps = info["step"], info["tokens"], info["total_steps"]
+        return trainer
+
+
+def fit_many(
+    trainers: dict[str, Trainer],
+    batches: Iterable[dict[str, Tensor]],
+    total_steps: int | None = None,
+    progress: bool = True,
+) -> dict[str, Trainer]:
+    """Train several SAEs (one per activation site) from one stream of {name: batch} dicts.
+
+    Batches the trainers have already consumed (after `Trainer.resume`) are skipped, so feeding the
+    same deterministic stream again continues exactly where the checkpoint left off. Ctrl-C saves
+    a checkpoint for every trainer that has an out_dir, then re-raises.
+    """
+    first = next(iter(trainers.values()))
+    done = first.step
+    if any(t.step != done for t in trainers.values()):
+        raise ValueError("trainers trained together must be at the same step to continue together")
+    for t in trainers.values():
+        t.total_steps = t.total_steps or total_steps
+    limit = first.total_steps
+    stream: Iterator[dict[str, Tensor]] = itertools.islice(iter(batches), done, limit)
+    bar = tqdm(total=limit, initial=done, disable=not progress, unit="step", dynamic_ncols=True)
+    started, tokens_at_start = time.perf_counter(), first.tokens
+    try:
+        for batch in stream:
+            for name, trainer in trainers.items():
+                if name not in batch:
+                    raise KeyError(f"batch has no activations for {name!r}; it has {sorted(batch)}")
+                trainer.train_step(batch[name])
+            rate = (first.tokens - tokens_at_start) / max(1e-9, time.perf_counter() - started)
+            bar.update(1)
+            bar.set_postfix(tokens_per_s=f"{rate:,.0f}", refresh=False)
+            if first.step % first.cfg.log_every == 0:
+                _log(trainers, rate)
+            every = first.cfg.checkpoint_every
+            if every and first.step % every == 0:
+                _save_all(trainers)
+    except KeyboardInterrupt:
+        saved = _save_all(trainers)
+        if saved:
+            tqdm.write(f"interrupted: checkpoints saved to {', '.join(map(str, saved))}")
+        raise
+    finally:
+        bar.close()
+    if first.window_steps:
+        _log(trainers, (first.tokens - tokens_at_start) / max(1e-9, time.perf_counter() - started))
+    _save_all(trainers)
+    return trainers
+
+
+def _log(trainers: dict[str, Trainer], tokens_per_s: float) -> None:
+    first = next(iter(trainers.values()))
+    prefix = len(trainers) > 1
+    metrics: dict[str, float] = {"tokens_per_s": tokens_per_s}
+    for name, trainer in trainers.items():
+        for key, value in trainer.metrics().items():
+            metrics[f"{name}/{key}" if prefix else key] = value
+    if first.logger is not None:
+        first.logger.log(metrics, step=first.step)
+
+
+def _save_all(trainers: dict[str, Trainer]) -> list[Path]:
+    return [t.save_checkpoint() for t in trainers.values() if t.cfg.out_dir is not None]
+
+
+def _length(batches: Iterable) -> int | None:
+    try:
+        return len(batches)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
+@torch.no_grad()
+def geometric_median(x: Tensor, iterations: int = 30) -> Tensor:
+    """Weiszfeld's algorithm: the point minimising the summed distances, robust to outliers."""
+    median = x.mean(dim=0)
+    for _ in range(iterations):
+        weights = 1.0 / (x - median).norm(dim=-1).clamp_min(1e-6)
+        median = (weights[:, None] * x).sum(dim=0) / weights.sum()
+    return median
