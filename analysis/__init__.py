@@ -1,0 +1,53 @@
+"""SAE evaluation: reconstruction, downstream CE/KL, latent statistics, feature absorption,
+sparse probing and a contrastive interpretability score.
+
+```python
+report = analysis.evaluate(sae_model, lm, "blocks.15.hook_resid_post", n_tokens=4096)
+analysis.save_report(report, "eval.json"); analysis.write_plots(report, "plots/")
+print(analysis.compare_table({"run-a": report_a, "run-b": report_b}))
+```
+"""
+
+from .absorption import AbsorptionConfig, absorption_eval, absorption_from_acts
+from .contrastive import contrastive_eval, contrastive_scores
+from .datasets import load_contrastive_pairs, load_probing_datasets
+from .downstream import downstream_scores, downstream_sums, sae_splice, zero_splice
+from .evaluate import EvalConfig, evaluate
+from .metrics import (
+    ReconstructionStats,
+    density_stats,
+    max_decoder_cosine,
+    reconstruction_metrics,
+)
+from .plots import plot_decoder_cosine, plot_density, write_plots
+from .probing import ProbingConfig, probe_task, sparse_probing
+from .report import compare_table
+from .report import write_json as save_report
+
+__all__ = [
+    "AbsorptionConfig",
+    "EvalConfig",
+    "ProbingConfig",
+    "ReconstructionStats",
+    "absorption_eval",
+    "absorption_from_acts",
+    "compare_table",
+    "contrastive_eval",
+    "contrastive_scores",
+    "density_stats",
+    "downstream_scores",
+    "downstream_sums",
+    "evaluate",
+    "load_contrastive_pairs",
+    "load_probing_datasets",
+    "max_decoder_cosine",
+    "plot_decoder_cosine",
+    "plot_density",
+    "probe_task",
+    "reconstruction_metrics",
+    "sae_splice",
+    "save_report",
+    "sparse_probing",
+    "write_plots",
+    "zero_splice",
+]

@@ -1,0 +1,145 @@
+"""`evaluate`: every SAE metric of the suite in one JSON-able report."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+
+import activations
+
+from .absorption import AbsorptionConfig, absorption_eval
+from .contrastive import contrastive_eval
+from .downstream import downstream_scores, downstream_sums
+from .metrics import ReconstructionStats, density_stats, max_decoder_cosine
+from .probing import ProbingConfig, sparse_probing
+
+
+@dataclass
+class EvalConfig:
+    """What `evaluate` measures and on how much data."""
+
+    n_tokens: int = 8192
+    """Tokens (before dropping BOS / pad / EOS) for the reconstruction, density and CE/KL metrics."""
+    context_len: int = 128
+    """Tokens per window, BOS first."""
+    batch_size: int = 8
+    """Windows per forward pass."""
+    dense_threshold: float = 0.1
+    """A latent firing on more than this share of tokens counts as dense."""
+    decoder_cosine_threshold: float = 0.9
+    """Latents whose decoder row has a cosine above this with another latent count as near-duplicates."""
+    downstream: bool = True
+    """Splice the SAE into the model for the CE-loss / KL scores (three full forwards per batch)."""
+    absorption: bool = True
+    """Run the first-letter feature-absorption eval."""
+    probing: bool = True
+    """Run sparse probing on the shipped datasets."""
+    contrastive: bool = True
+    """Run the contrastive interpretability score on the shipped story pairs."""
+    absorption_cfg: AbsorptionConfig = field(default_factory=AbsorptionConfig)
+    """Settings of the absorption eval."""
+    probing_cfg: ProbingConfig = field(default_factory=ProbingConfig)
+    """Settings of the sparse-probing eval."""
+
+
+def _config(config: EvalConfig | None, overrides: dict) -> EvalConfig:
+    names = {f.name for f in dataclasses.fields(EvalConfig)}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise ValueError(f"Unknown evaluate option(s) {unknown}; valid: {sorted(names)}")
+    return dataclasses.replace(config or EvalConfig(), **overrides)
+
+
+def _windows(lm: activations.LanguageModel, texts: Iterable[str] | None, cfg: EvalConfig) -> torch.Tensor:
+    # The default corpus is read back to front, so evals see the documents a front-to-back
+    # training stream reaches last.
+    texts = reversed(activations.default_texts()) if texts is None else texts
+    n = max(1, cfg.n_tokens // cfg.context_len)
+    windows = list(itertools.islice(activations.iter_token_windows(lm.tokenizer, texts, cfg.context_len), n))
+    if not windows:
+        raise ValueError(
+            f"The texts gave no full window of {cfg.context_len} tokens; pass more text or a smaller context_len."
+        )
+    return torch.stack(windows)
+
+
+@torch.no_grad()
+def _token_metrics(
+    model: torch.nn.Module, lm: activations.LanguageModel, site: str, windows: torch.Tensor, cfg: EvalConfig
+) -> tuple[dict, torch.Tensor]:
+    """Reconstruction (+ CE/KL) metrics over the windows, and the per-latent firing density."""
+    param = next(model.parameters())
+    stats = ReconstructionStats(model.cfg.d_in, model.cfg.n_latents)
+    sums: dict[str, float] = {}
+    for ids in windows.split(cfg.batch_size):
+        keep = activations.token_mask(lm, ids)
+        x = activations.harvest(lm, ids, site)[site][keep.to(lm.device)].to(param.device, param.dtype)
+        z = model.encode(x)
+        stats.update(x, model.decode(z), z)
+        if cfg.downstream:
+            for k, v in downstream_sums(model, lm, site, ids, keep).items():
+                sums[k] = sums.get(k, 0.0) + v
+    out = stats.result()
+    if cfg.downstream:
+        out.update(downstream_scores(sums))
+    return out, stats.density()
+
+
+def evaluate(
+    model: torch.nn.Module,
+    lm: activations.LanguageModel,
+    site: str,
+    texts: Iterable[str] | None = None,
+    config: EvalConfig | None = None,
+    **overrides,
+) -> dict:
+    """Evaluate an SAE trained on `site` of `lm`; returns a JSON-able report.
+
+    Top level: scalar metrics (l0, fvu, explained_variance, mse, cosine, l2_ratio,
+    relative_reconstruction_bias, ce_loss_score, kl_score, delta_ce, dead_fraction,
+    dense_fraction, max_decoder_cosine_mean, ...), sub-reports `absorption`, `probing`,
+    `contrastive`, per-latent lists `latent_density` and `max_decoder_cosine`, and `meta`.
+    texts default to the embedded corpus; keyword overrides set EvalConfig fields
+    (e.g. `n_tokens=2048, absorption=False`).
+    """
+    cfg = _config(config, overrides)
+    if model.cfg.d_in != lm.d_model:
+        raise ValueError(
+            f"The SAE reads d_in={model.cfg.d_in} but {lm.name} has d_model={lm.d_model}; "
+            "evaluate it on the model and site it was trained on."
+        )
+    model.eval()
+    seconds: dict[str, float] = {}
+    start = time.perf_counter()
+    report, density = _token_metrics(model, lm, site, _windows(lm, texts, cfg), cfg)
+    report.update(density_stats(density, cfg.dense_threshold))
+    max_cos = max_decoder_cosine(model.W_dec)
+    report["max_decoder_cosine_mean"] = float(max_cos.mean())
+    report[f"decoder_cosine_above_{cfg.decoder_cosine_threshold:g}_fraction"] = float(
+        (max_cos > cfg.decoder_cosine_threshold).float().mean()
+    )
+    seconds["tokens"] = time.perf_counter() - start
+    for name, enabled, run in (
+        ("absorption", cfg.absorption, lambda: absorption_eval(model, lm, site, cfg.absorption_cfg)),
+        ("probing", cfg.probing, lambda: sparse_probing(model, lm, site, cfg.probing_cfg)),
+        ("contrastive", cfg.contrastive, lambda: contrastive_eval(model, lm, site, cfg.probing_cfg.batch_size)),
+    ):
+        if enabled:
+            start = time.perf_counter()
+            report[name] = run()
+            seconds[name] = time.perf_counter() - start
+    report["latent_density"] = density.tolist()
+    report["max_decoder_cosine"] = max_cos.tolist()
+    report["meta"] = {
+        "model": lm.name,
+        "site": site,
+        "sae_config": dataclasses.asdict(model.cfg),
+        "eval_config": dataclasses.asdict(cfg),
+        "seconds": seconds,
+    }
+    return report
