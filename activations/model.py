@@ -125,12 +125,13 @@ def load_model(
 ) -> LanguageModel:
     """Load a causal LM and its tokenizer.
 
-    `None` loads the embedded SmolLM2-135M-Instruct (never downloads). Any transformers
-    model id or local directory also works (a hub id may download if not cached).
+    `None` (or its name, as saved in checkpoints) loads the embedded SmolLM2-135M-Instruct
+    (never downloads). Any transformers model id or local directory also works (a hub id may
+    download if not cached).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if name_or_path is None:
+    if name_or_path is None or str(name_or_path) == DEFAULT_MODEL_NAME:
         path, name, kwargs = str(default_model_path()), DEFAULT_MODEL_NAME, {"local_files_only": True}
     else:
         path, name, kwargs = str(name_or_path), str(name_or_path), {}

@@ -76,23 +76,28 @@ def save_sae(model, path: str | os.PathLike) -> None:
 
     def build(tmp: Path) -> None:
         write_tensors(tmp / WEIGHTS, model.folded_state_dict(), metadata={"format_version": str(FORMAT_VERSION)})
-        write_json(tmp / CONFIG, {"format_version": FORMAT_VERSION, **model.cfg.to_dict()})
+        write_json(tmp / CONFIG, {"format_version": FORMAT_VERSION, **model.cfg.to_dict(), "metadata": model.metadata})
 
     replace_dir(build, Path(path))
 
 
 def load_sae(path: str | os.PathLike, device: str | torch.device = "cpu"):
-    """Load an SAE saved by `save`, checking its config and every tensor's name and shape."""
+    """Load an SAE saved by `save`, checking its config and every tensor's name and shape.
+    A training checkpoint directory (holding `sae/`) works too."""
     from sae import create
 
     path = Path(path)
+    if (path / "sae" / CONFIG).is_file() and not (path / CONFIG).is_file():
+        path = path / "sae"
     if not path.is_dir():
         raise FileNotFoundError(f"no SAE checkpoint directory at {path}")
     data = read_json(path / CONFIG)
     version = data.pop("format_version", None)
     if version != FORMAT_VERSION:
         raise ValueError(f"{path / CONFIG} has format_version {version}; this toolkit reads {FORMAT_VERSION}")
+    metadata = data.pop("metadata", {})
     model = create(SAEConfig.from_dict(data))
+    model.metadata = metadata
     load_state(model, read_tensors(path / WEIGHTS), source=path / WEIGHTS)
     return model.to(device)
 

@@ -99,6 +99,8 @@ class TrainConfig:
     """A latent firing on more than this fraction of tokens counts as dense."""
     log_every: int = 50
     """Log metrics every N steps."""
+    eval_every: int | None = None
+    """Run the trainer's evaluator (e.g. CE-loss score with the SAE spliced in) every N steps."""
     checkpoint_every: int | None = None
     """Save a checkpoint every N steps (None: only at the end and on Ctrl-C)."""
     out_dir: str | None = None

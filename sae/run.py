@@ -1,6 +1,7 @@
 """The main job: train one SAE per activation site, from a live model or saved activations."""
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import time
@@ -66,8 +67,8 @@ class TrainResult:
     models: dict = field(default_factory=dict)
 
 
-def saved_activation_batches(path: str, sites: list[str] | None, batch_size: int, n_tokens: int, seed: int) -> tuple[dict[str, int], Iterator[dict[str, Tensor]], int]:
-    """Batches from a .safetensors file of activations, reshuffled each epoch."""
+def tensor_file_batches(path: str, sites: list[str] | None, batch_size: int, n_tokens: int, seed: int) -> Iterator[dict[str, Tensor]]:
+    """Batches from a .safetensors file of [N, d] activation tensors, reshuffled each epoch."""
     from sae.checkpoint import read_tensors
 
     tensors = read_tensors(Path(path))
@@ -78,28 +79,54 @@ def saved_activation_batches(path: str, sites: list[str] | None, batch_size: int
         tensors = {s: tensors[s] for s in sites}
     lengths = {t.shape[0] for t in tensors.values()}
     if any(t.ndim != 2 for t in tensors.values()) or len(lengths) != 1:
-        raise ValueError(f"{path}: expected 2-D [N, d] tensors with one N, got { {k: tuple(v.shape) for k, v in tensors.items()} }")
+        shapes = {k: tuple(v.shape) for k, v in tensors.items()}
+        raise ValueError(f"{path}: expected 2-D [N, d] tensors with the same N, got {shapes}")
     n_rows = lengths.pop()
-    steps = math.ceil(n_tokens / batch_size)
-    generator = torch.Generator().manual_seed(seed)
-
-    def batches() -> Iterator[dict[str, Tensor]]:
-        served = 0
-        while True:
-            order = torch.randperm(n_rows, generator=generator)
-            for start in range(0, n_rows - batch_size + 1, batch_size):
-                rows = order[start : start + batch_size]
-                yield {name: t[rows].float() for name, t in tensors.items()}
-                served += 1
-                if served >= steps:
-                    return
-
     if n_rows < batch_size:
         raise ValueError(f"{path} holds {n_rows} activations, fewer than one batch of {batch_size}; lower --batch-size")
-    return {name: t.shape[1] for name, t in tensors.items()}, batches(), steps
+    generator = torch.Generator().manual_seed(seed)
+    served = 0
+    while served < n_tokens:
+        order = torch.randperm(n_rows, generator=generator)
+        for start in range(0, n_rows - batch_size + 1, batch_size):
+            rows = order[start : start + batch_size]
+            yield {name: t[rows].float() for name, t in tensors.items()}
+            served += batch_size
+            if served >= n_tokens:
+                return
 
 
-def model_batches(data: DataConfig, seed: int) -> tuple[dict[str, int], Iterator[dict[str, Tensor]], int, str]:
+def cache_batches(path: str, sites: list[str] | None, batch_size: int, n_tokens: int, seed: int) -> Iterator[dict[str, Tensor]]:
+    """Batches from a `sae cache` directory, epoch after epoch until n_tokens are served."""
+    import activations
+
+    cache = activations.CachedActivations(path)
+    served, epoch = 0, 0
+    while served < n_tokens:
+        for batch in cache.batch_dicts(batch_size, sites=sites, seed=seed + epoch, drop_last=True):
+            yield batch
+            served += batch_size
+            if served >= n_tokens:
+                return
+        epoch += 1
+
+
+def saved_activations(data: DataConfig, seed: int) -> tuple[dict[str, int], Iterator[dict[str, Tensor]], dict]:
+    """Widths per site, batches, and provenance for training on stored activations."""
+    path = Path(data.activations)
+    if path.is_dir():
+        import activations
+
+        cache = activations.CachedActivations(path)
+        sites = data.sites or cache.sites
+        batches = cache_batches(str(path), sites, data.batch_size, data.n_tokens, seed)
+        return {s: cache.d for s in sites}, batches, {"model": cache.model, "activations": str(path)}
+    batches = tensor_file_batches(str(path), data.sites, data.batch_size, data.n_tokens, seed)
+    first = next(batches)
+    return {s: t.shape[1] for s, t in first.items()}, itertools.chain([first], batches), {"activations": str(path)}
+
+
+def model_activations(data: DataConfig, seed: int) -> tuple[dict[str, int], Iterator[dict[str, Tensor]], dict, object]:
     import activations
 
     lm = activations.load_model(data.model, device=data.device)
@@ -109,7 +136,18 @@ def model_batches(data: DataConfig, seed: int) -> tuple[dict[str, int], Iterator
         lm, sites, texts=texts, context_len=data.context_len, batch_size=data.batch_size,
         n_tokens=data.n_tokens, seed=seed, progress=False,
     )
-    return {s: lm.d_model for s in sites}, stream, math.ceil(data.n_tokens / data.batch_size), lm.name
+    return {s: lm.d_model for s in sites}, stream, {"model": lm.name}, lm
+
+
+def downstream_evaluator(lm, site: str, n_tokens: int = 1024):
+    """CE-loss and KL scores with the SAE spliced into the model, on held-out text."""
+    import analysis
+
+    def evaluate(model) -> dict[str, float]:
+        report = analysis.evaluate(model, lm, site, n_tokens=n_tokens, absorption=False, probing=False, contrastive=False)
+        return {key: report[key] for key in ("ce_loss_score", "kl_score", "delta_ce")}
+
+    return evaluate
 
 
 def train(
@@ -125,20 +163,27 @@ def train(
     name = run.run_name or time.strftime("sae-%Y%m%d-%H%M%S")
     out_dir = Path(train_cfg.out_dir or Path("runs") / name)
     train_cfg = replace(train_cfg, out_dir=str(out_dir))
+    lm = None
     if data.activations:
-        widths, batches, steps = saved_activation_batches(data.activations, data.sites, data.batch_size, data.n_tokens, train_cfg.seed)
-        source = data.activations
+        widths, batches, source = saved_activations(data, train_cfg.seed)
     else:
-        widths, batches, steps, source = model_batches(data, train_cfg.seed)
+        widths, batches, source, lm = model_activations(data, train_cfg.seed)
+    steps = math.ceil(data.n_tokens / data.batch_size)
     torch.manual_seed(train_cfg.seed)
-    models = {
-        site: create(SAEConfig(d_in=d, n_latents=run.n_latents or run.expansion_factor * d, **sae_cfg)).to(data.device)
-        for site, d in widths.items()
-    }
+    models = {}
+    for site, d in widths.items():
+        models[site] = create(SAEConfig(d_in=d, n_latents=run.n_latents or run.expansion_factor * d, **sae_cfg)).to(data.device)
+        models[site].metadata = {**source, "site": site}
     config = {"sae": sae_cfg, "train": asdict(train_cfg), "data": asdict(data), "run": asdict(run), "source": source}
     logger = RunLogger(out_dir, wandb_mode=run.wandb_mode, project=run.wandb_project, run_name=name, config=config)
     (out_dir / "run_config.json").write_text(json.dumps(config, indent=2) + "\n")
-    trainers = {site: Trainer(m, replace(train_cfg, steps=train_cfg.steps or steps), logger=logger, name=site) for site, m in models.items()}
+    trainers = {
+        site: Trainer(
+            m, replace(train_cfg, steps=train_cfg.steps or steps), logger=logger, name=site,
+            evaluator=downstream_evaluator(lm, site) if lm is not None else None,
+        )
+        for site, m in models.items()
+    }
     try:
         fit_many(trainers, batches)
     finally:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -22,8 +22,18 @@ STATE_JSON = "trainer_state.json"
 class Trainer:
     """Trains one SAE. `fit` runs the loop; `train_step` is one optimiser step on one batch."""
 
-    def __init__(self, model: BaseSAE, cfg: TrainConfig | None = None, logger: RunLogger | None = None, name: str = "sae"):
+    def __init__(
+        self,
+        model: BaseSAE,
+        cfg: TrainConfig | None = None,
+        logger: RunLogger | None = None,
+        name: str = "sae",
+        evaluator: Callable[[BaseSAE], dict[str, float]] | None = None,
+    ):
+        """`evaluator` maps the model to extra metrics (e.g. downstream CE-loss score); it runs
+        every `cfg.eval_every` steps and at the end, logged beside the training metrics."""
         self.model = model
+        self.evaluator = evaluator
         self.cfg = cfg or TrainConfig()
         self.logger = logger
         self.name = name
@@ -210,6 +220,8 @@ def fit_many(
             bar.set_postfix(tokens_per_s=f"{rate:,.0f}", refresh=False)
             if first.step % first.cfg.log_every == 0:
                 _log(trainers, rate)
+            if first.cfg.eval_every and first.step % first.cfg.eval_every == 0:
+                _evaluate(trainers)
             every = first.cfg.checkpoint_every
             if every and first.step % every == 0:
                 _save_all(trainers)
@@ -222,6 +234,7 @@ def fit_many(
         bar.close()
     if first.window_steps:
         _log(trainers, (first.tokens - tokens_at_start) / max(1e-9, time.perf_counter() - started))
+    _evaluate(trainers)
     _save_all(trainers)
     return trainers
 
@@ -234,6 +247,20 @@ def _log(trainers: dict[str, Trainer], tokens_per_s: float) -> None:
         for key, value in trainer.metrics().items():
             metrics[f"{name}/{key}" if prefix else key] = value
     if first.logger is not None:
+        first.logger.log(metrics, step=first.step)
+
+
+def _evaluate(trainers: dict[str, Trainer]) -> None:
+    first = next(iter(trainers.values()))
+    prefix = len(trainers) > 1
+    metrics: dict[str, float] = {}
+    for name, trainer in trainers.items():
+        if trainer.evaluator is None:
+            continue
+        result = trainer.evaluator(trainer.model)
+        trainer.last_metrics.update(result)
+        metrics.update({f"{name}/{key}" if prefix else key: value for key, value in result.items()})
+    if metrics and first.logger is not None:
         first.logger.log(metrics, step=first.step)
 
 

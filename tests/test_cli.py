@@ -1,0 +1,89 @@
+"""`sae train` / `sae eval` end to end: on saved activations, on a local model, from a config file."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import sae
+from sae.cli import main
+from sae.synthetic import SyntheticData
+
+
+def test_train_on_saved_activation_tensor(tmp_path, capsys):
+    acts = SyntheticData(d=16, n_features=32).sample(4096)
+    save_file({"acts": acts}, str(tmp_path / "acts.safetensors"))
+    out = tmp_path / "run"
+    code = main([
+        "train", "--activations", str(tmp_path / "acts.safetensors"), "--n-tokens", "60000",
+        "--batch-size", "256", "--k", "4", "--expansion-factor", "4", "--lr", "3e-3", "--warmup-steps", "5",
+        "--log-every", "20", "--out-dir", str(out), "--wandb-mode", "offline",
+    ])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "checkpoint" in printed and "FVU=" in printed
+    model = sae.load(out / "acts" / "sae")
+    assert model.cfg.n_latents == 64 and model.cfg.k == 4
+    with torch.no_grad():
+        assert sae.fvu(acts, model(acts)).item() < 0.3
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert lines[-1]["step"] == 235 and "fvu" in lines[-1] and "dead_fraction" in lines[-1]
+    assert lines[-1]["fvu"] < lines[0]["fvu"]
+    assert list((out / "wandb").glob("offline-run-*/run-*.wandb")), "no offline W&B run was written"
+
+
+def test_config_file_and_flag_override(tmp_path):
+    acts = SyntheticData(d=8, n_features=16).sample(1024)
+    save_file({"x": acts}, str(tmp_path / "acts.safetensors"))
+    (tmp_path / "run.yaml").write_text(
+        "sae:\n  architecture: jumprelu\n  k: 3\n"
+        "train:\n  lr: 0.001\n  log_every: 1000\n"
+        f"data:\n  activations: {tmp_path / 'acts.safetensors'}\n  n_tokens: 2048\n  batch_size: 256\n"
+        "run:\n  expansion_factor: 2\n"
+    )
+    assert main(["train", "--config", str(tmp_path / "run.yaml"), "--k", "5", "--no-wandb", "--out-dir", str(tmp_path / "r")]) == 0
+    model = sae.load(tmp_path / "r" / "x" / "sae")
+    assert model.cfg.architecture == "jumprelu" and model.cfg.k == 5 and model.cfg.n_latents == 16
+
+
+def test_bad_cli_input_is_a_clear_error(tmp_path):
+    acts = SyntheticData(d=8, n_features=16).sample(300)
+    save_file({"x": acts}, str(tmp_path / "acts.safetensors"))
+    with pytest.raises(SystemExit, match="unknown SAE architecture"):
+        main(["train", "--architecture", "gated", "--activations", str(tmp_path / "acts.safetensors"), "--no-wandb"])
+    with pytest.raises(SystemExit, match="fewer than one batch"):
+        main(["train", "--activations", str(tmp_path / "acts.safetensors"), "--no-wandb", "--out-dir", str(tmp_path / "r")])
+    with pytest.raises(SystemExit, match="no tensors for"):
+        main(["train", "--activations", str(tmp_path / "acts.safetensors"), "--sites", "y", "--no-wandb", "--batch-size", "64"])
+    (tmp_path / "bad.yaml").write_text("model: {}\n")
+    with pytest.raises(SystemExit, match="unknown section"):
+        main(["train", "--config", str(tmp_path / "bad.yaml")])
+
+
+def test_train_and_eval_on_a_local_model(tmp_path, tiny_lm, capsys):
+    """The whole path with a live model: stream -> train (with the CE-score evaluator) -> eval."""
+    model_dir = tmp_path / "tiny"
+    tiny_lm.model.save_pretrained(model_dir)
+    tiny_lm.tokenizer.save_pretrained(model_dir)
+    run = tmp_path / "run"
+    assert main([
+        "train", "--model", str(model_dir), "--sites", "blocks.1.hook_resid_post", "blocks.2.hook_mlp_out",
+        "--n-tokens", "3000", "--batch-size", "256", "--context-len", "32", "--expansion-factor", "2",
+        "--k", "8", "--no-wandb", "--out-dir", str(run), "--log-every", "5",
+    ]) == 0
+    printed = capsys.readouterr().out
+    assert "blocks.1.hook_resid_post: checkpoint" in printed and "blocks.2.hook_mlp_out: checkpoint" in printed
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any("blocks.1.hook_resid_post/ce_loss_score" in line for line in lines)
+    ckpt = run / "blocks.1.hook_resid_post"
+    assert sae.load(ckpt).metadata["site"] == "blocks.1.hook_resid_post"
+
+    assert main([
+        "eval", str(ckpt), str(run / "blocks.2.hook_mlp_out" / "sae"), "--n-tokens", "256", "--no-absorption",
+        "--no-probing", "--no-contrastive", "--wandb-mode", "disabled", "--out", str(tmp_path / "eval"),
+    ]) == 0
+    report = json.loads((tmp_path / "eval" / "blocks.1.hook_resid_post" / "report.json").read_text())
+    assert 0 <= report["fvu"] < 1.5 and report["l0"] == pytest.approx(8, abs=0.5)
+    assert "ce_loss_score" in report
+    table = capsys.readouterr().out
+    assert "blocks.1.hook_resid_post" in table and "blocks.2.hook_mlp_out" in table
