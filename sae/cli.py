@@ -15,6 +15,7 @@ from activations.cli import add_cache_parser
 from sae.config import SAEConfig, TrainConfig
 from sae.run import DataConfig, RunConfig
 
+MAIN_JOB = Path(__file__).with_name("main_job.yaml")
 SECTIONS = {"sae": SAEConfig, "train": TrainConfig, "data": DataConfig, "run": RunConfig}
 DERIVED = {"sae": {"d_in", "n_latents"}}  # filled from the data and the run config
 
@@ -79,9 +80,16 @@ def load_config_file(path: str) -> dict[str, dict[str, Any]]:
 def collect_sections(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     """Config-file values, overridden by any flags given on the command line."""
     sections = {name: {} for name in SECTIONS}
-    if getattr(args, "config", None):
-        for name, values in load_config_file(args.config).items():
-            sections[name].update(values or {})
+    if getattr(args, "resume", None):
+        saved_path = Path(args.resume) / "run_config.json"
+        if not saved_path.is_file():
+            raise SystemExit(f"error: {args.resume} has no run_config.json; pass the run directory `sae train` printed")
+        saved = json.loads(saved_path.read_text())
+        base = {name: saved.get(name, {}) for name in SECTIONS}
+    else:
+        base = load_config_file(args.config or str(MAIN_JOB))
+    for name, values in base.items():
+        sections[name].update(values or {})
     for key, value in vars(args).items():
         if "." in key:
             section, name = key.split(".", 1)
@@ -108,6 +116,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             from_dict(TrainConfig, sections["train"]),
             from_dict(DataConfig, sections["data"]),
             from_dict(RunConfig, sections["run"]),
+            resume=bool(args.resume),
         )
     except (ValueError, KeyError, FileNotFoundError) as err:
         raise SystemExit(f"error: {err}") from err
@@ -117,10 +126,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"metrics: {result.out_dir / 'metrics.jsonl'}")
     for site, path in result.checkpoints.items():
         m = result.summary[site]
-        print(
+        line = (
             f"{site}: checkpoint {path / 'sae'}  L0={m.get('l0', float('nan')):.1f}  "
             f"FVU={m.get('fvu', float('nan')):.4f}  dead={m.get('dead_fraction', float('nan')):.3f}"
         )
+        if "ce_loss_score" in m:
+            line += f"  CE-loss score={m['ce_loss_score']:.3f}  KL score={m['kl_score']:.3f}"
+        print(line)
     return 0
 
 
@@ -174,7 +186,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="train SAEs (defaults: TopK on the embedded model's middle layer, W&B offline)",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    train.add_argument("--config", help="YAML/JSON file with sections sae/train/data/run; flags override it")
+    train.add_argument(
+        "--config",
+        help="YAML/JSON file with sections sae/train/data/run; flags override it "
+        f"(without it: {MAIN_JOB.name}, the quick main job)",
+    )
+    train.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its checkpoints and run_config.json")
     train.add_argument("--no-wandb", action="store_true", help="no W&B run (metrics still go to stdout and JSONL)")
     for section, cls in SECTIONS.items():
         add_config_args(train, section, cls)

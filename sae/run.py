@@ -155,9 +155,11 @@ def train(
     train_cfg: TrainConfig,
     data: DataConfig,
     run: RunConfig,
+    resume: bool = False,
 ) -> TrainResult:
     """Train one SAE per site. `sae_cfg` holds SAEConfig fields except d_in (taken from the data)
-    and n_latents (from the run config)."""
+    and n_latents (from the run config). With `resume`, each site continues from its checkpoint
+    in the run directory, skipping the batches it has already seen."""
     from sae import create
 
     name = run.run_name or time.strftime("sae-%Y%m%d-%H%M%S")
@@ -177,13 +179,15 @@ def train(
     config = {"sae": sae_cfg, "train": asdict(train_cfg), "data": asdict(data), "run": asdict(run), "source": source}
     logger = RunLogger(out_dir, wandb_mode=run.wandb_mode, project=run.wandb_project, run_name=name, config=config)
     (out_dir / "run_config.json").write_text(json.dumps(config, indent=2) + "\n")
-    trainers = {
-        site: Trainer(
-            m, replace(train_cfg, steps=train_cfg.steps or steps), logger=logger, name=site,
-            evaluator=downstream_evaluator(lm, site) if lm is not None else None,
-        )
-        for site, m in models.items()
-    }
+    trainers = {}
+    for site, model in models.items():
+        evaluator = downstream_evaluator(lm, site) if lm is not None else None
+        if resume:
+            trainers[site] = Trainer.resume(out_dir / site, logger=logger, evaluator=evaluator)
+            models[site] = trainers[site].model
+        else:
+            cfg = replace(train_cfg, steps=train_cfg.steps or steps)
+            trainers[site] = Trainer(model, cfg, logger=logger, name=site, evaluator=evaluator)
     try:
         fit_many(trainers, batches)
     finally:

@@ -164,8 +164,15 @@ class Trainer:
         return target
 
     @classmethod
-    def resume(cls, path: str | Path, logger: RunLogger | None = None, **overrides) -> "Trainer":
-        """Rebuild a trainer exactly as it was saved; `fit` then skips the batches already seen."""
+    def resume(
+        cls,
+        path: str | Path,
+        logger: RunLogger | None = None,
+        evaluator: Callable[[BaseSAE], dict[str, float]] | None = None,
+        **overrides,
+    ) -> "Trainer":
+        """Rebuild a trainer exactly as it was saved; `fit` then skips the batches already seen.
+        `overrides` replace TrainConfig fields (e.g. out_dir)."""
         from sae import create
 
         path = Path(path)
@@ -174,7 +181,7 @@ class Trainer:
         train_cfg = TrainConfig.from_dict({**info["train_config"], **overrides})
         model = create(SAEConfig.from_dict(info["sae_config"]))
         load_state(model, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, source=path / STATE_TENSORS)
-        trainer = cls(model, train_cfg, logger=logger, name=info["name"])
+        trainer = cls(model, train_cfg, logger=logger, name=info["name"], evaluator=evaluator)
         optim = trainer.optimizer.state_dict()
         for key, value in tensors.items():
             if key.startswith("optim."):

@@ -87,3 +87,28 @@ def test_train_and_eval_on_a_local_model(tmp_path, tiny_lm, capsys):
     assert "ce_loss_score" in report
     table = capsys.readouterr().out
     assert "blocks.1.hook_resid_post" in table and "blocks.2.hook_mlp_out" in table
+
+
+def test_interrupted_cli_run_resumes_to_identical_weights(tmp_path, monkeypatch):
+    acts = SyntheticData(d=16, n_features=32).sample(2048)
+    save_file({"x": acts}, str(tmp_path / "acts.safetensors"))
+    args = ["train", "--activations", str(tmp_path / "acts.safetensors"), "--n-tokens", "10240", "--batch-size", "256",
+            "--k", "4", "--expansion-factor", "2", "--no-wandb", "--log-every", "7"]
+    assert main(args + ["--out-dir", str(tmp_path / "full")]) == 0
+
+    original = sae.Trainer.train_step
+
+    def interrupt_at_25(self, x):
+        if self.step == 25:
+            raise KeyboardInterrupt
+        original(self, x)
+
+    monkeypatch.setattr(sae.Trainer, "train_step", interrupt_at_25)
+    assert main(args + ["--out-dir", str(tmp_path / "cut")]) == 130
+    monkeypatch.setattr(sae.Trainer, "train_step", original)
+    assert json.loads((tmp_path / "cut" / "x" / "trainer_state.json").read_text())["step"] == 25
+    assert main(["train", "--resume", str(tmp_path / "cut"), "--no-wandb"]) == 0
+
+    full, resumed = sae.load(tmp_path / "full" / "x"), sae.load(tmp_path / "cut" / "x")
+    for name, tensor in full.state_dict().items():
+        assert torch.equal(resumed.state_dict()[name], tensor), name

@@ -389,7 +389,7 @@ def test_transformers_does_not_mistake_our_kernels_for_hf_kernels():
 def test_benchmark_runs_small():
     import json
 
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernels.py"), "--quick"],
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernel_speed.py"), "--quick"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)

@@ -20,9 +20,9 @@ running one fwd+bwd over its set-up; CUDA: ``max_memory_allocated`` growth) and
 fwd+bwd >= 5x faster than dense, and no ``[N, n_latents]`` tensor kept for backward by the
 fused encoder.
 
-    python benchmarks/kernels.py                      # B=4096 d=576 n=9216 k=32, 2 CPU threads
-    python benchmarks/kernels.py --device cuda --batch 16384
-    python benchmarks/kernels.py --quick              # tiny shapes, in-process (a smoke test)
+    python benchmarks/kernel_speed.py                      # B=4096 d=576 n=9216 k=32, 2 CPU threads
+    python benchmarks/kernel_speed.py --device cuda --batch 16384
+    python benchmarks/kernel_speed.py --quick              # tiny shapes, in-process (a smoke test)
 """
 
 from __future__ import annotations
@@ -39,10 +39,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-# This file is named kernels.py: drop its own folder from the path so `import kernels`
-# finds the package, not this script.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
