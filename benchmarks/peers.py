@@ -75,8 +75,6 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-# Drop benchmarks/ from the path so a script here never shadows a package (e.g. `kernels`).
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
 
 import torch  # noqa: E402
 

