@@ -38,7 +38,9 @@ class Trainer:
         self.logger = logger
         self.name = name
         self.lr = self.cfg.learning_rate(model.cfg.n_latents)
-        self.optimizer = torch.optim.Adam(model.parameters(), lr=self.lr, betas=self.cfg.adam_betas)
+        # The fused kernel is ~15x faster than the default on CPU (measured: 8 vs 121 ms per step
+        # at 9216x576), about a fifth of a whole training step.
+        self.optimizer = torch.optim.Adam(model.parameters(), lr=self.lr, betas=self.cfg.adam_betas, fused=True)
         self.step = 0
         self.tokens = 0
         self.total_steps = self.cfg.steps
