@@ -108,6 +108,12 @@ class BaseSAE(nn.Module):
         self.W_dec /= self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-8)
 
     @torch.no_grad()
+    def after_step(self) -> None:
+        """Restore the architecture's constraints after an optimiser step."""
+        if self.unit_norm_decoder:
+            self.normalize_decoder()
+
+    @torch.no_grad()
     def remove_parallel_grads(self) -> None:
         """Drop the gradient part along each decoder row, which renormalising would undo anyway."""
         if self.W_dec.grad is None:
@@ -135,8 +141,3 @@ class BaseSAE(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.W_dec.device
-
-
-def dense_from_sparse(vals: Tensor, idx: Tensor, n_latents: int) -> Tensor:
-    """Dense codes [N, n_latents] from (vals, idx) [N, k]."""
-    return torch.zeros(vals.shape[0], n_latents, dtype=vals.dtype, device=vals.device).scatter_add_(1, idx, vals)

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 import kernels
-from sae.base import BaseSAE, SAEOutput, dense_from_sparse
+from sae.base import BaseSAE, SAEOutput
 from sae.config import SAEConfig
 from sae.topk import TopKSAE, topk_family_output
 
@@ -33,7 +33,7 @@ class BatchTopKSAE(BaseSAE):
         """Batch top-k while training (or before a threshold exists), the threshold otherwise."""
         if self.training or self.threshold < 0:
             vals, idx = self.encode_sparse(x)
-            return dense_from_sparse(vals, idx, self.cfg.n_latents)
+            return kernels.to_dense((vals, idx), self.cfg.n_latents)
         pre = self.pre_activations(x)
         return pre * (pre > self.threshold)
 

@@ -57,6 +57,12 @@ class JumpReLUSAE(BaseSAE):
         # Kept in float32 whatever the model's dtype: bf16 thresholds cannot take small steps.
         self.threshold = nn.Parameter(torch.full((cfg.n_latents,), cfg.threshold_init, dtype=torch.float32))
 
+    @torch.no_grad()
+    def after_step(self) -> None:
+        super().after_step()
+        # A negative threshold would let negative pre-activations through.
+        self.threshold.clamp_(min=0.0)
+
     def encode(self, x: Tensor) -> Tensor:
         pre = self.pre_activations(x)
         return JumpReLU.apply(pre, self.threshold.to(pre.dtype), self.cfg.bandwidth)

@@ -5,7 +5,7 @@ import torch
 from torch import Tensor
 
 import kernels
-from sae.base import BaseSAE, SAEOutput, dense_from_sparse, fvu
+from sae.base import BaseSAE, SAEOutput, fvu
 
 
 class TopKSAE(BaseSAE):
@@ -23,7 +23,7 @@ class TopKSAE(BaseSAE):
 
     def encode(self, x: Tensor) -> Tensor:
         vals, idx = self.encode_sparse(x)
-        return dense_from_sparse(vals, idx, self.cfg.n_latents)
+        return kernels.to_dense((vals, idx), self.cfg.n_latents)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.decode_sparse(*self.encode_sparse(x))

@@ -92,11 +92,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(self.step)
         self.optimizer.step()
-        if self.model.unit_norm_decoder:
-            self.model.normalize_decoder()
-        if hasattr(self.model, "threshold") and isinstance(self.model.threshold, torch.nn.Parameter):
-            with torch.no_grad():
-                self.model.threshold.clamp_(min=0.0)
+        self.model.after_step()
 
         n_tokens = x.shape[0]
         self.step += 1
