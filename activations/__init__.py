@@ -47,5 +47,6 @@ __all__ = [
     "token_mask",
     "token_windows",
     "valid_sites",
+    "wrap_model",
     "write_cache",
 ]

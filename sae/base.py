@@ -73,8 +73,8 @@ class BaseSAE(nn.Module):
         # so training can run on normalised activations while the interface stays in raw units.
         # `save` folds it into the weights (a saved SAE always has scale 1).
         self.register_buffer("input_scale", torch.tensor(1.0))
+        # Where the SAE was trained (model, site, ...); saved in config.json, read by `sae eval`.
         self.metadata: dict[str, str] = {}
-        """Where the SAE was trained (model, site, ...); saved in config.json, used by `sae eval`."""
 
     # -- the interface ------------------------------------------------------------------------
     def centered(self, x: Tensor) -> Tensor:
