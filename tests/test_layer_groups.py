@@ -167,3 +167,39 @@ def test_adjacent_layers_of_the_default_model_are_most_alike(default_lm):
     groups = analysis.group_layers(sim, 3)
     assert [i for g in groups for i in g] == list(range(len(layers)))
     assert [[layers[i] for i in g] for g in groups] == [[2, 3, 4], [14, 15, 16], [26, 27]]
+
+
+def test_grouped_run_on_saved_layers_resumes_to_identical_weights(tmp_path, monkeypatch):
+    """From a tensor file of four layers (two pairs of near-copies): auto:2 pairs them, and with
+    one random member row per token an interrupted run resumes bit-identically."""
+    from safetensors.torch import save_file
+
+    from sae.synthetic import SyntheticData
+
+    generator = torch.Generator().manual_seed(0)
+    first, second = SyntheticData(d=16, n_features=32).sample(2048), SyntheticData(d=16, n_features=32, seed=1).sample(2048)
+    layers = [first, first + 0.1 * torch.randn(2048, 16, generator=generator), second, second + 0.1 * torch.randn(2048, 16, generator=generator)]
+    save_file({f"blocks.{i}.hook_resid_post": x for i, x in enumerate(layers)}, str(tmp_path / "acts.safetensors"))
+    args = ["train", "--activations", str(tmp_path / "acts.safetensors"), "--model", "tiny", "--layer-groups", "auto:2",
+            "--layer-group-rows", "one", "--layers", "0-3", "--n-tokens", "5120", "--batch-size", "256", "--k", "4",
+            "--expansion-factor", "2", "--no-wandb", "--log-every", "7"]
+    assert main(args + ["--out-dir", str(tmp_path / "full")]) == 0
+    assert sorted(p.name for p in (tmp_path / "full").iterdir() if p.is_dir()) == [
+        "blocks.0-1.hook_resid_post", "blocks.2-3.hook_resid_post",
+    ]
+    original = Trainer.train_step
+
+    def interrupt_at_11(self, x):
+        if self.step == 11:
+            raise KeyboardInterrupt
+        original(self, x)
+
+    monkeypatch.setattr(Trainer, "train_step", interrupt_at_11)
+    assert main(args + ["--out-dir", str(tmp_path / "cut")]) == 130
+    monkeypatch.setattr(Trainer, "train_step", original)
+    assert json.loads((tmp_path / "cut" / "run_config.json").read_text())["data"]["layer_groups"] == "0-1,2-3"
+    assert main(["train", "--resume", str(tmp_path / "cut"), "--no-wandb"]) == 0
+    for group in ("blocks.0-1.hook_resid_post", "blocks.2-3.hook_resid_post"):
+        full, resumed = sae.load(tmp_path / "full" / group), sae.load(tmp_path / "cut" / group)
+        for name, tensor in full.state_dict().items():
+            assert torch.equal(resumed.state_dict()[name], tensor), (group, name)
