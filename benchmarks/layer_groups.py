@@ -79,6 +79,16 @@ def _logprobs(lm, ids: torch.Tensor) -> torch.Tensor:
     return F.log_softmax(activations.logits(lm, ids)[:, :-1].float(), dim=-1)
 
 
+def _add(sums: dict[str, float], clean: torch.Tensor, patched: dict[str, torch.Tensor], targets, scored) -> None:
+    """Accumulate `analysis.downstream_sums`'s sums for one batch from already computed log-probs."""
+    terms = {"n_positions": float(scored.sum()), "ce_clean": float(-clean.gather(-1, targets)[..., 0][scored].sum())}
+    for name, logprobs in patched.items():
+        terms[f"ce_{name}"] = float(-logprobs.gather(-1, targets)[..., 0][scored].sum())
+        terms[f"kl_{name}"] = float((clean.exp() * (clean - logprobs)).sum(-1)[scored].sum())
+    for key, value in terms.items():
+        sums[key] = sums.get(key, 0.0) + value
+
+
 @torch.no_grad()
 def evaluate_all(lm, sites: list[str], configs: dict[str, dict], args: argparse.Namespace) -> dict[str, dict[str, dict]]:
     """config -> site -> {fvu, l0, ce_loss_score, kl_score, delta_ce}: FVU/L0 on --fvu-tokens held-out
@@ -104,11 +114,6 @@ def evaluate_all(lm, sites: list[str], configs: dict[str, dict], args: argparse.
             targets = ids[:, 1:, None]
             clean = _logprobs(lm, ids)
 
-            def add(key, name: str, patched: torch.Tensor) -> None:
-                sums[key][f"ce_{name}"] = sums[key].get(f"ce_{name}", 0.0) + float(-patched.gather(-1, targets)[..., 0][scored].sum())
-                kl = (clean.exp() * (clean - patched)).sum(-1)
-                sums[key][f"kl_{name}"] = sums[key].get(f"kl_{name}", 0.0) + float(kl[scored].sum())
-
             for s in sites:
                 log(f"  CE/KL at {s} ({len(ids)} windows)")
                 with activations.patch_site(lm, s, analysis.zero_splice(keep)):
@@ -116,10 +121,7 @@ def evaluate_all(lm, sites: list[str], configs: dict[str, dict], args: argparse.
                 for c in configs:
                     with activations.patch_site(lm, s, analysis.sae_splice(configs[c]["models"][owner[c][s]], keep)):
                         spliced = _logprobs(lm, ids)
-                    add((c, s), "sae", spliced)
-                    add((c, s), "zero", zero)
-                    sums[c, s]["ce_clean"] = sums[c, s].get("ce_clean", 0.0) + float(-clean.gather(-1, targets)[..., 0][scored].sum())
-                    sums[c, s]["n_positions"] = sums[c, s].get("n_positions", 0.0) + float(scored.sum())
+                    _add(sums[c, s], clean, {"sae": spliced, "zero": zero}, targets, scored)
             done += len(ids)
     out: dict[str, dict[str, dict]] = {c: {} for c in configs}
     for c, s in keys:

@@ -39,7 +39,7 @@ def _brute_force(similarity: torch.Tensor, n_groups: int) -> tuple[float, list[l
     best = (math.inf, [])
     for cuts in itertools.combinations(range(1, n), n_groups - 1):
         bounds = [0, *cuts, n]
-        groups = [list(range(a, b)) for a, b in zip(bounds, bounds[1:])]
+        groups = [list(range(a, b)) for a, b in itertools.pairwise(bounds)]
         cost = sum(float(distance[i, j]) for g in groups for i, j in itertools.combinations(g, 2))
         best = min(best, (cost, groups), key=lambda t: t[0])
     return best
