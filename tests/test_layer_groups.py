@@ -102,7 +102,7 @@ def test_group_batches_take_rows_from_every_member():
 def test_bad_layer_group_options_are_clear_errors():
     with pytest.raises(ValueError, match="auto:G with a positive"):
         layer_groups.parse_spec("auto:x")
-    with pytest.raises(ValueError, match="names a layer twice"):
+    with pytest.raises(ValueError, match=r"names layer\(s\) \[3\] twice"):
         layer_groups.parse_spec("0-3,3-5")
     with pytest.raises(ValueError, match="rising range"):
         layer_groups.parse_layers("5-2")

@@ -26,8 +26,9 @@ def parse_layers(text: str, what: str = "--layers") -> list[int]:
             raise ValueError(f"{what} {text!r}: {part!r} is not a layer or a rising range like 8-15; e.g. 0-7,8-15")
         first = int(match.group(1))
         layers += list(range(first, int(match.group(2) or first) + 1))
-    if len(set(layers)) != len(layers):
-        raise ValueError(f"{what} {text!r} names a layer twice; each layer belongs to one group")
+    repeated = sorted({layer for layer in layers if layers.count(layer) > 1})
+    if repeated:
+        raise ValueError(f"{what} {text!r} names layer(s) {repeated} twice; name each layer once")
     return layers
 
 
@@ -92,9 +93,9 @@ def _layers_by_site(sites: list[str]) -> dict[str, int]:
 
 def group_name(members: list[str]) -> str:
     """blocks.8-15.hook_resid_post for a group, the site itself for a group of one."""
-    first, last = (_SITE.match(members[0]), _SITE.match(members[-1]))
     if len(members) == 1:
         return members[0]
+    first, last = _SITE.match(members[0]), _SITE.match(members[-1])
     return f"blocks.{first.group(1)}-{last.group(1)}.{first.group(2)}"
 
 
