@@ -30,6 +30,7 @@ from .features import (
     write_dashboard,
     write_neuronpedia_json,
 )
+from .layer_groups import amad, angular_similarity, group_layers, layer_similarity
 from .labelled import REAL_TASKS, LabelledTexts, load_labelled, read_labelled
 from .labelled import dataset_names as probing_dataset_names
 from .metrics import (
@@ -80,6 +81,8 @@ __all__ = [
     "absorption_eval",
     "absorption_from_acts",
     "add_vector",
+    "amad",
+    "angular_similarity",
     "clamp_latents",
     "collect_features",
     "compare_table",
@@ -96,7 +99,9 @@ __all__ = [
     "evaluate",
     "feature_figure",
     "generate",
+    "group_layers",
     "latent_vector",
+    "layer_similarity",
     "lexicon_score",
     "load_contrastive_pairs",
     "load_labelled",

@@ -31,6 +31,8 @@ class DataSource:
     texts: list[str] | None = None
     """The documents the live model reads (None: the embedded corpus); training reads their
     train split, the evaluator their held-out split."""
+    members: dict[str, list[str]] = field(default_factory=dict)
+    """For an SAE shared by a layer group (see sae.app.layer_groups): its name -> the sites it reads."""
 
 
 def resolve_device(device: str) -> str:

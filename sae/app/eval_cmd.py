@@ -28,6 +28,19 @@ def report_names(paths: list[str]) -> list[str]:
     return names
 
 
+def _evaluations(paths: list[str], site: str | None, device: str):
+    """(path, report name, SAE, site or None for the recorded one) to evaluate: an SAE shared by a
+    layer group is evaluated at each member site (named run/group/site) unless --site picks one."""
+    for path, name in zip(paths, report_names(paths), strict=True):
+        model = load_sae_for_cli(path, device)
+        members = [] if site else model.metadata.get("sites", [])
+        if len(members) > 1:
+            for member in members:
+                yield path, f"{name}/{member}", model, member
+        else:
+            yield path, name, model, site
+
+
 def run(args: argparse.Namespace) -> int:
     overrides = {"n_tokens": args.n_tokens, "split": args.split}
     for part in ("downstream", "absorption", "probing", "contrastive"):
@@ -40,9 +53,8 @@ def run(args: argparse.Namespace) -> int:
     reports: dict[str, dict] = {}
     models: dict[str, object] = {}
     out_dir = Path(args.out)
-    for path, name in zip(args.checkpoints, report_names(args.checkpoints), strict=True):
-        model = load_sae_for_cli(path, device)
-        site, model_name = recorded_site_and_model(path, model, args.site, args.model)
+    for path, name, model, site in _evaluations(args.checkpoints, args.site, device):
+        site, model_name = recorded_site_and_model(path, model, site, args.model)
         if model_name not in models:
             models[model_name] = activations.load_model(model_name, device=device)
         lm = models[model_name]
@@ -79,7 +91,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     evaluate.add_argument("checkpoints", nargs="+", help="SAE directories (or training checkpoint directories)")
     evaluate.add_argument("--model", help="model the SAEs read (default: the one recorded in the checkpoint)")
-    evaluate.add_argument("--site", help="hook site (default: the one recorded in the checkpoint)")
+    evaluate.add_argument(
+        "--site", help="hook site (default: the one recorded in the checkpoint; each member layer's for a layer-group SAE)"
+    )
     evaluate.add_argument("--n-tokens", type=int, default=8192, help="tokens for reconstruction and CE/KL metrics")
     evaluate.add_argument(
         "--texts", nargs="+", metavar="FILE",

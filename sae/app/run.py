@@ -15,6 +15,7 @@ import activations
 import analysis
 import atomicfs
 from sae import create
+from sae.app import layer_groups
 from sae.app.data import DataSource, from_activations, from_model, is_site, resolve_device
 from sae.config import SAEConfig, TrainConfig
 from sae.logging import RunLogger
@@ -44,11 +45,22 @@ class DataConfig:
     """Activations per optimiser step."""
     device: str = "auto"
     """Device for the model and the SAEs: auto (cuda if available, else cpu), cpu, cuda, cuda:N."""
+    layers: str | None = None
+    """Layers to harvest, e.g. 0-29 or 3,5,8-11: short for --sites blocks.L.hook_resid_post for each."""
+    layer_groups: str | None = None
+    """One SAE per group of adjacent layers instead of one per layer: auto:G (G contiguous groups
+    clustered by the angular similarity of the layers' activations on the first batch) or explicit
+    layer ranges, e.g. 0-7,8-15,16-29 (alone, they also choose the layers)."""
+    layer_group_rows: str = "all"
+    """What a group SAE trains on: all (each token gives one row per member layer, k x batch_size
+    rows a step) or one (each token gives the row of one random member layer: batch_size rows a
+    step, so a group SAE costs what one layer's SAE costs)."""
 
     def __post_init__(self) -> None:
         for name in ("n_tokens", "context_len", "batch_size"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        layer_groups.check_options(self.layers, self.layer_groups, self.layer_group_rows, self.sites)
 
 
 @dataclass
@@ -84,10 +96,11 @@ class TrainResult:
     models: dict = field(default_factory=dict)
 
 
-def downstream_evaluator(lm, site: str, texts: list[str] | None = None, n_tokens: int = 1024):
+def downstream_evaluator(lm, site: str | list[str], texts: list[str] | None = None, n_tokens: int = 1024):
     """CE-loss and KL scores with the SAE spliced into the model, on the held-out documents of
     `texts` (None: the embedded corpus), which the training stream never reads. None (with a
-    warning) when `texts` has no held-out document."""
+    warning) when `texts` has no held-out document. Several sites (a layer group's SAE): the
+    mean over them, plus each one's scores as `ce_loss_score@SITE` etc."""
     if texts is not None and not any(activations.split_of(doc) == "heldout" for doc in texts):
         warnings.warn(
             f"none of the {len(texts)} training documents is in the held-out split, so the run logs no "
@@ -95,12 +108,21 @@ def downstream_evaluator(lm, site: str, texts: list[str] | None = None, n_tokens
         )
         return None
 
+    sites = [site] if isinstance(site, str) else site
+    keys = ("ce_loss_score", "kl_score", "delta_ce")
+
     def evaluate(model) -> dict[str, float]:
-        report = analysis.evaluate(
-            model, lm, site, texts=texts, n_tokens=n_tokens, split="heldout", absorption=False, probing=False,
-            contrastive=False, progress=False,
-        )
-        return {key: report[key] for key in ("ce_loss_score", "kl_score", "delta_ce")}
+        scores = {}
+        for one in sites:
+            report = analysis.evaluate(
+                model, lm, one, texts=texts, n_tokens=n_tokens, split="heldout", absorption=False, probing=False,
+                contrastive=False, progress=False,
+            )
+            scores[one] = {key: report[key] for key in keys}
+        if len(sites) == 1:
+            return scores[sites[0]]
+        mean = {key: sum(s[key] for s in scores.values()) / len(sites) for key in keys}
+        return {**mean, **{f"{key}@{one}": s[key] for one, s in scores.items() for key in keys}}
 
     return evaluate
 
@@ -115,9 +137,10 @@ def default_run_name() -> str:
 
 def open_source(data: DataConfig, seed: int) -> DataSource:
     device = resolve_device(data.device)
+    sites = layer_groups.member_sites(data.layers, data.layer_groups, data.sites)
     if data.activations:
-        return from_activations(data.activations, data.sites, data.batch_size, data.n_tokens, seed, data.model)
-    return from_model(data.model, data.sites, data.texts, data.context_len, data.batch_size, data.n_tokens, seed, device)
+        return from_activations(data.activations, sites, data.batch_size, data.n_tokens, seed, data.model)
+    return from_model(data.model, sites, data.texts, data.context_len, data.batch_size, data.n_tokens, seed, device)
 
 
 def site_folders(sites: list[str]) -> dict[str, str]:
@@ -164,16 +187,23 @@ def _train_locked(
     if not resume and (out_dir / RUN_CONFIG).is_file():
         raise ValueError(f"{out_dir} already holds a run; continue it with --resume {out_dir} or choose another --out-dir")
     source = open_source(data, train_cfg.seed)
+    grouping = None
+    if data.layer_groups:
+        source, grouping = layer_groups.share_by_group(source, data.layer_groups, data.layer_group_rows, train_cfg.seed)
+        data = replace(data, layer_groups=grouping.spec)  # the groups chosen: a resume reuses them
+        print(f"layer groups ({grouping.record['spec']}): {', '.join(grouping.groups)}", flush=True)
     folders = site_folders(list(source.widths))
     device = resolve_device(data.device)
     torch.manual_seed(train_cfg.seed)
     models = {}
     for site, d in source.widths.items():
         models[site] = create(SAEConfig(d_in=d, n_latents=run.n_latents or run.expansion_factor * d, **sae_cfg)).to(device)
-        site_meta = {"site": site} if is_site(site) else {"tensor": site}
+        members = source.members.get(site)
+        site_meta = {"site": members[0], "sites": members} if members else {"site": site} if is_site(site) else {"tensor": site}
         models[site].metadata = {**source.provenance, **site_meta}
     config = {
         "sae": sae_cfg, "train": asdict(train_cfg), "data": asdict(data), "run": asdict(run), "source": source.provenance,
+        **({"layer_groups": grouping.record} if grouping else {}),
     }
     if not resume:  # a resume rewrites it only once it succeeds, so a failed one changes nothing
         atomicfs.write_json(out_dir / RUN_CONFIG, config)
@@ -187,7 +217,8 @@ def _train_locked(
     trainers = {}
     try:
         for site, model in models.items():
-            evaluator = downstream_evaluator(source.lm, site, source.texts) if source.lm is not None else None
+            evaluated = source.members.get(site, site)
+            evaluator = downstream_evaluator(source.lm, evaluated, source.texts) if source.lm is not None else None
             if resume:
                 trainers[site] = Trainer.resume(
                     out_dir / folders[site], logger=logger, evaluator=evaluator, out_dir=str(out_dir),
