@@ -23,7 +23,7 @@ from torch import Tensor
 from .chat import Conversation, chat_token_ids, default_conversations, select_conversations
 from .hooks import harvest, token_mask
 from .model import LanguageModel
-from .text import HELDOUT_FRACTION, Split, select_split
+from .text import HELDOUT_FRACTION, Split, default_texts, select_split
 
 Batch = dict[str, Tensor]
 
@@ -83,9 +83,7 @@ def _selected(texts, chat: bool, split: Split, heldout_fraction: float) -> list:
     if isinstance(texts, (str, Tensor)):
         raise TypeError("whole-sample streams read a list of documents (or of conversations with chat=True)")
     if texts is None:
-        if not chat:
-            raise ValueError("plain whole-sample streams need texts; None is only the built-in chat set (chat=True)")
-        texts = default_conversations()
+        texts = default_conversations() if chat else default_texts()
     select = select_conversations if chat else select_split
     selected = list(select(texts, split, heldout_fraction))
     if not selected:
@@ -108,7 +106,8 @@ def sample_rows(
     drop_special: bool = True,
 ) -> Iterator[Batch]:
     """Activation rows {site: [n, d]} of whole samples read in order: conversations under the chat
-    template (`chat`; texts None is the built-in chat set) or plain documents (BOS first). With
+    template (`chat`; texts None is the built-in chat set) or plain documents (BOS first; None is
+    the embedded corpus). With
     `sequential` each sample is one sequence of at most `context_len` tokens; without it the
     samples' tokens are packed into windows (block training). Passes repeat in the same order
     while `repeat`."""

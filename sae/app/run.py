@@ -44,6 +44,12 @@ class DataConfig:
     """Activations per optimiser step."""
     device: str = "auto"
     """Device for the model and the SAEs: auto (cuda if available, else cpu), cpu, cuda, cuda:N."""
+    chat: bool = False
+    """Chat data for an instruct model: texts are chat JSONL ({"messages": [{role, content}, ...]} a
+    line), or without texts the built-in chat set (stdlib Q/A); the model's chat template is applied."""
+    sequential: bool = False
+    """FAST: whole samples in order, one per sequence cut at context_len, never packed together
+    (default: shuffled documents packed into windows)."""
 
     def __post_init__(self) -> None:
         for name in ("n_tokens", "context_len", "batch_size"):
@@ -84,11 +90,12 @@ class TrainResult:
     models: dict = field(default_factory=dict)
 
 
-def downstream_evaluator(lm, site: str, texts: list[str] | None = None, n_tokens: int = 1024):
+def downstream_evaluator(lm, site: str, texts: list | None = None, n_tokens: int = 1024, chat: bool = False):
     """CE-loss and KL scores with the SAE spliced into the model, on the held-out documents of
-    `texts` (None: the embedded corpus), which the training stream never reads. None (with a
-    warning) when `texts` has no held-out document."""
-    if texts is not None and not any(activations.split_of(doc) == "heldout" for doc in texts):
+    `texts` (None: the embedded corpus; with `chat`, conversations and the built-in chat set),
+    which the training stream never reads. None (with a warning) when `texts` has no held-out document."""
+    key = activations.conversation_key if chat else str
+    if texts is not None and not any(activations.split_of(key(doc)) == "heldout" for doc in texts):
         warnings.warn(
             f"none of the {len(texts)} training documents is in the held-out split, so the run logs no "
             "CE-loss / KL score; pass more (or longer) text files to get one", stacklevel=2,
@@ -98,7 +105,7 @@ def downstream_evaluator(lm, site: str, texts: list[str] | None = None, n_tokens
     def evaluate(model) -> dict[str, float]:
         report = analysis.evaluate(
             model, lm, site, texts=texts, n_tokens=n_tokens, split="heldout", absorption=False, probing=False,
-            contrastive=False, progress=False,
+            contrastive=False, progress=False, chat=chat,
         )
         return {key: report[key] for key in ("ce_loss_score", "kl_score", "delta_ce")}
 
@@ -117,7 +124,10 @@ def open_source(data: DataConfig, seed: int) -> DataSource:
     device = resolve_device(data.device)
     if data.activations:
         return from_activations(data.activations, data.sites, data.batch_size, data.n_tokens, seed, data.model)
-    return from_model(data.model, data.sites, data.texts, data.context_len, data.batch_size, data.n_tokens, seed, device)
+    return from_model(
+        data.model, data.sites, data.texts, data.context_len, data.batch_size, data.n_tokens, seed, device,
+        data.chat, data.sequential,
+    )
 
 
 def site_folders(sites: list[str]) -> dict[str, str]:
@@ -187,7 +197,7 @@ def _train_locked(
     trainers = {}
     try:
         for site, model in models.items():
-            evaluator = downstream_evaluator(source.lm, site, source.texts) if source.lm is not None else None
+            evaluator = downstream_evaluator(source.lm, site, source.texts, chat=source.chat) if source.lm is not None else None
             if resume:
                 trainers[site] = Trainer.resume(
                     out_dir / folders[site], logger=logger, evaluator=evaluator, out_dir=str(out_dir),
