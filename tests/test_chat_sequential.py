@@ -13,6 +13,7 @@ from transformers import PreTrainedTokenizerFast
 
 import activations
 import analysis
+import sae
 from activations.sequential import sample_rows
 
 # ChatML, as SmolLM2 and Qwen use it (SmolLM2's default system prompt left out).
@@ -162,7 +163,7 @@ def test_chat_files_and_their_errors(tmp_path, word_chat):
 
 def test_chat_eval_reads_heldout_conversations_whole(word_chat):
     lm, convs, owner = word_chat
-    model = __import__("sae").create(__import__("sae").SAEConfig(architecture="topk", d_in=lm.d_model, n_latents=128, k=8))
+    model = sae.create(sae.SAEConfig(architecture="topk", d_in=lm.d_model, n_latents=128, k=8))
     report = analysis.evaluate(
         model, lm, "blocks.1.hook_resid_post", texts=convs, chat=True, n_tokens=10**6, context_len=64,
         absorption=False, probing=False, contrastive=False, progress=False,
@@ -198,3 +199,29 @@ def test_smollm_chat_template_and_fast_stream(default_lm):
     assert len(rows) == len(ids) - 1 + len(short) - 1  # both whole, each one's first token masked
     # The attention sink is masked; the template's inner special tokens have ordinary norms.
     assert rows.norm(dim=-1).max() < 1000
+
+
+def test_cli_trains_fast_on_a_chat_file_and_evals_on_it(tmp_path, word_chat, capsys):
+    from sae.app.cli import main
+
+    lm, convs, _ = word_chat
+    model_dir, run = tmp_path / "model", tmp_path / "run"
+    lm.model.save_pretrained(model_dir)
+    lm.tokenizer.save_pretrained(model_dir)
+    chat_file = tmp_path / "chat.jsonl"
+    chat_file.write_text("".join(json.dumps({"messages": c}) + "\n" for c in convs))
+    assert main([
+        "train", "--model", str(model_dir), "--sites", "blocks.1.hook_resid_post", "--texts", str(chat_file), "--chat",
+        "--sequential", "--n-tokens", "384", "--batch-size", "64", "--context-len", "64", "--expansion-factor", "2",
+        "--k", "4", "--no-wandb", "--out-dir", str(run), "--log-every", "5",
+    ]) == 0
+    assert "CE-loss score=" in capsys.readouterr().out  # scored on the file's held-out conversations
+    ckpt = run / "blocks.1.hook_resid_post"
+    assert sae.load(ckpt).metadata["chat"] == "true" and sae.load(ckpt).metadata["sequential"] == "true"
+    assert main([
+        "eval", str(ckpt), "--texts", str(chat_file), "--no-absorption", "--no-probing", "--no-contrastive",
+        "--wandb-mode", "disabled", "--out", str(tmp_path / "eval"), "--context-len", "64",
+    ]) == 0
+    text = json.loads((tmp_path / "eval" / "run/blocks.1.hook_resid_post" / "report.json").read_text())["meta"]["text"]
+    n_heldout = sum(activations.split_of(activations.conversation_key(c)) == "heldout" for c in convs)
+    assert text["chat"] and text["source"] == "given conversations" and text["documents_read"] == n_heldout
