@@ -210,6 +210,8 @@ def test_cli_trains_fast_on_a_chat_file_and_evals_on_it(tmp_path, word_chat, cap
     lm.tokenizer.save_pretrained(model_dir)
     chat_file = tmp_path / "chat.jsonl"
     chat_file.write_text("".join(json.dumps({"messages": c}) + "\n" for c in convs))
+    with pytest.raises(SystemExit, match="add --chat"):
+        main(["train", "--model", str(model_dir), "--texts", str(chat_file), "--no-wandb", "--out-dir", str(run)])
     assert main([
         "train", "--model", str(model_dir), "--sites", "blocks.1.hook_resid_post", "--texts", str(chat_file), "--chat",
         "--sequential", "--n-tokens", "384", "--batch-size", "64", "--context-len", "64", "--expansion-factor", "2",

@@ -141,6 +141,8 @@ def from_model(
     reads conversations under the chat template, `sequential` whole samples (activations.stream)."""
     for site in sites or []:
         activations.check_site_name(site)  # before the model loads
+    if not chat and texts and all(activations.is_chat_file(t) for t in texts):
+        raise ValueError(f"{texts[0]} holds chat conversations ('messages'); add --chat to apply the chat template")
     lm = activations.load_model(model, device=device)
     sites = sites or [f"blocks.{lm.n_layers // 2}.hook_resid_post"]
     for site in sites:

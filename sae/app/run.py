@@ -39,7 +39,7 @@ class DataConfig:
     n_tokens: int = 400_000
     """Training tokens per SAE."""
     context_len: int = 128
-    """Tokens per window fed to the model (BOS included)."""
+    """Tokens per window fed to the model (BOS included); with sequential, the most of one sample."""
     batch_size: int = 4096
     """Activations per optimiser step."""
     device: str = "auto"
