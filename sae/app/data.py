@@ -158,5 +158,7 @@ def from_model(
         progress=False, fill_progress=True, split="train", chat=chat, sequential=sequential,
     )
     provenance = {"model": lm.name, "text_split": "train", "heldout_fraction": str(activations.HELDOUT_FRACTION)}
-    provenance.update({"chat": "true"} if chat else {}, **({"sequential": "true"} if sequential else {}))
+    for flag, on in (("chat", chat), ("sequential", sequential)):
+        if on:
+            provenance[flag] = "true"
     return DataSource({s: lm.d_model for s in sites}, stream, provenance, lm, docs, chat)
