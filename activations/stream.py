@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from .buffer import Batch, ShuffleBuffer
 from .hooks import harvest, token_mask
 from .model import LanguageModel
+from .sequential import sample_rows
 from .sites import parse_sites
 from .text import HELDOUT_FRACTION, Split, check_split, default_texts, iter_token_windows, select_split
 
@@ -95,6 +96,8 @@ def stream(
     split: Split = "train",
     heldout_fraction: float = HELDOUT_FRACTION,
     fill_progress: bool | None = None,
+    chat: bool = False,
+    sequential: bool = False,
 ) -> Iterator[dict[str, Tensor]]:
     """Shuffled activation batches: dict site -> [batch_size, d] float32 on the model's device.
 
@@ -107,18 +110,28 @@ def stream(
     at most a quarter of `n_tokens` but at least one batch); tokens mix across all windows it
     holds. The first batch comes once the buffer is full: `fill_progress` (default: `progress`)
     shows a bar while it fills.
+
+    `chat`: `texts` are conversations (lists of {role, content} messages; None: the built-in
+    chat set) under the model's chat template. `sequential` (FAST): whole samples in order, one
+    per sequence, cut at `context_len`, never packed together (see activations.sequential).
     """
     names = [s.name for s in parse_sites(lm, sites)]
     if n_tokens is not None and n_tokens <= 0:
         raise ValueError(f"n_tokens must be positive, got {n_tokens}")
     check_split(split, heldout_fraction)
-    texts = default_texts() if texts is None else texts
     capacity = buffer_tokens or _buffer_size(batch_size, n_tokens)
     buffer = ShuffleBuffer(capacity, batch_size, seed=seed)
-    windows = _windows(lm, texts, context_len, seed, n_tokens is not None, split, heldout_fraction)
     if n_tokens is not None:  # a short run needs no more windows per forward than it uses
         lm_batch_size = min(lm_batch_size, max(1, -(-n_tokens // (context_len - 1))))
-    rows = _harvested_rows(lm, windows, names, lm_batch_size, drop_special)
+    if chat or sequential:
+        rows = sample_rows(
+            lm, texts, names, context_len, lm_batch_size, n_tokens is not None, chat, sequential, split,
+            heldout_fraction, drop_special,
+        )
+    else:
+        texts = default_texts() if texts is None else texts
+        windows = _windows(lm, texts, context_len, seed, n_tokens is not None, split, heldout_fraction)
+        rows = _harvested_rows(lm, windows, names, lm_batch_size, drop_special)
     sent = 0
     fill_progress = progress if fill_progress is None else fill_progress
     with (

@@ -36,6 +36,10 @@ class EvalConfig:
     """Tokens per window, BOS first."""
     batch_size: int = 8
     """Windows per forward pass."""
+    chat: bool = False
+    """Texts are conversations (lists of {role, content} messages; None: the built-in chat set),
+    each read whole as one sequence under the model's chat template, cut at context_len (the
+    FAST format); its first token and padding are masked, the template's tokens kept."""
     dense_threshold: float = 0.1
     """A latent firing on more than this share of tokens counts as dense."""
     decoder_cosine_threshold: float = 0.9
@@ -81,6 +85,30 @@ class _Counted:
         return doc
 
 
+def _chat_samples(lm: activations.LanguageModel, texts: Iterable | None, cfg: EvalConfig) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """The eval's conversations of `cfg.split`, in order until `cfg.n_tokens` tokens, as right-padded
+    ids, their kept-token mask (`chat_token_mask`), and what they came from."""
+    activations.chat.check_chat_template(lm.tokenizer, lm.name)
+    source = "built-in chat set" if texts is None else "given conversations"
+    texts = activations.default_conversations() if texts is None else texts
+    convs = _Counted(activations.select_conversations(texts, cfg.split, cfg.heldout_fraction))
+    samples, total = [], 0
+    for ids in activations.chat_token_ids(lm.tokenizer, convs, chunk=1):
+        samples.append(ids[: cfg.context_len])
+        total += len(samples[-1])
+        if total >= cfg.n_tokens:
+            break
+    if not samples:
+        raise ValueError(f"The {cfg.split!r} split of the {source} holds no conversation; pass more, or split='all'.")
+    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+    ids, mask = activations.pad_samples(samples, pad)
+    text = {
+        "source": source, "split": cfg.split, "heldout_fraction": cfg.heldout_fraction, "documents_read": convs.n,
+        "windows": len(samples), "tokens": total, "tokens_requested": cfg.n_tokens, "chat": True,
+    }
+    return ids, activations.chat_token_mask(mask), text
+
+
 def _windows(lm: activations.LanguageModel, texts: Iterable[str] | None, cfg: EvalConfig) -> tuple[torch.Tensor, dict]:
     """The eval's token windows from the `cfg.split` documents, and what they came from."""
     source = "embedded corpus" if texts is None else "given texts"
@@ -103,16 +131,19 @@ def _windows(lm: activations.LanguageModel, texts: Iterable[str] | None, cfg: Ev
 
 @torch.no_grad()
 def _token_metrics(
-    model: torch.nn.Module, lm: activations.LanguageModel, site: str, windows: torch.Tensor, cfg: EvalConfig
+    model: torch.nn.Module, lm: activations.LanguageModel, site: str, windows: torch.Tensor, cfg: EvalConfig,
+    keep_mask: torch.Tensor | None = None,
 ) -> tuple[dict, torch.Tensor]:
-    """Reconstruction (+ CE/KL) metrics over the windows, and the per-latent firing density."""
+    """Reconstruction (+ CE/KL) metrics over the windows (at `keep_mask`, default `token_mask`),
+    and the per-latent firing density."""
     param = next(model.parameters())
     stats = ReconstructionStats(model.cfg.d_in, model.cfg.n_latents)
     sums: dict[str, float] = {}
     bar = tqdm(windows.split(cfg.batch_size), desc="eval: reconstruction" + (" + CE/KL" if cfg.downstream else ""),
                unit="batch", disable=not cfg.progress)
-    for ids in bar:
-        keep = activations.token_mask(lm, ids)
+    keeps = keep_mask.split(cfg.batch_size) if keep_mask is not None else itertools.repeat(None)
+    for ids, keep in zip(bar, keeps):
+        keep = activations.token_mask(lm, ids) if keep is None else keep
         x = activations.harvest(lm, ids, site)[site][keep.to(lm.device)].to(param.device, param.dtype)
         z = model.encode(x)
         stats.update(x, model.decode(z), z)
@@ -154,8 +185,11 @@ def evaluate(
     model.eval()
     seconds: dict[str, float] = {}
     start = time.perf_counter()
-    windows, text_meta = _windows(lm, texts, cfg)
-    report, density = _token_metrics(model, lm, site, windows, cfg)
+    if cfg.chat:
+        windows, keep, text_meta = _chat_samples(lm, texts, cfg)
+    else:
+        (windows, text_meta), keep = _windows(lm, texts, cfg), None
+    report, density = _token_metrics(model, lm, site, windows, cfg, keep)
     report.update(density_stats(density, cfg.dense_threshold))
     max_cos = max_decoder_cosine(model.decoder_directions())
     report["max_decoder_cosine_mean"] = float(max_cos.mean())

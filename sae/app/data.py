@@ -28,11 +28,13 @@ class DataSource:
     """Recorded in every checkpoint's metadata (model, activations path, ...)."""
     lm: activations.LanguageModel | None = None
     """The live model, when the activations come from one (enables the CE-score evaluator)."""
-    texts: list[str] | None = None
+    texts: list | None = None
     """The documents the live model reads (None: the embedded corpus); training reads their
     train split, the evaluator their held-out split."""
     members: dict[str, list[str]] = field(default_factory=dict)
     """For an SAE shared by a layer group (see sae.app.layer_groups): its name -> the sites it reads."""
+    chat: bool = False
+    """`texts` are conversations under the chat template (None: the built-in chat set)."""
 
 
 def resolve_device(device: str) -> str:
@@ -135,20 +137,30 @@ def from_activations(
 
 def from_model(
     model: str | None, sites: list[str] | None, texts: list[str] | None, context_len: int, batch_size: int,
-    n_tokens: int, seed: int, device: str,
+    n_tokens: int, seed: int, device: str, chat: bool = False, sequential: bool = False,
 ) -> DataSource:
-    """Activations harvested from a live model over text, one forward pass for every site."""
+    """Activations harvested from a live model over text, one forward pass for every site; `chat`
+    reads conversations under the chat template, `sequential` whole samples (activations.stream)."""
     for site in sites or []:
         activations.check_site_name(site)  # before the model loads
+    if not chat and texts and all(activations.is_chat_file(t) for t in texts):
+        raise ValueError(f"{texts[0]} holds chat conversations ('messages'); add --chat to apply the chat template")
     lm = activations.load_model(model, device=device)
     sites = sites or [f"blocks.{lm.n_layers // 2}.hook_resid_post"]
     for site in sites:
         activations.parse_site(lm, site)
-    docs = None if not texts else list(activations.read_text_files(texts))
+    if chat:
+        activations.chat.check_chat_template(lm.tokenizer, lm.name)
+        docs = None if not texts else list(activations.read_chat_files(texts))
+    else:
+        docs = None if not texts else list(activations.read_text_files(texts))
     # The trainer shows its own bar; the stream shows only the shuffle buffer filling.
     stream = activations.stream(
         lm, sites, texts=docs, context_len=context_len, batch_size=batch_size, n_tokens=n_tokens, seed=seed,
-        progress=False, fill_progress=True, split="train",
+        progress=False, fill_progress=True, split="train", chat=chat, sequential=sequential,
     )
     provenance = {"model": lm.name, "text_split": "train", "heldout_fraction": str(activations.HELDOUT_FRACTION)}
-    return DataSource({s: lm.d_model for s in sites}, stream, provenance, lm, docs)
+    for flag, on in (("chat", chat), ("sequential", sequential)):
+        if on:
+            provenance[flag] = "true"
+    return DataSource({s: lm.d_model for s in sites}, stream, provenance, lm, docs, chat=chat)

@@ -42,12 +42,16 @@ def _evaluations(paths: list[str], site: str | None, device: str):
 
 
 def run(args: argparse.Namespace) -> int:
-    overrides = {"n_tokens": args.n_tokens, "split": args.split}
+    chat = args.chat or bool(args.texts) and all(activations.is_chat_file(t) for t in args.texts)
+    overrides = {"n_tokens": args.n_tokens, "split": args.split, "chat": chat}
+    if args.context_len is not None:
+        overrides["context_len"] = args.context_len
     for part in ("downstream", "absorption", "probing", "contrastive"):
         overrides[part] = getattr(args, part)
     device = resolve_device(args.device)
     try:
-        texts = list(activations.read_text_files(args.texts)) if args.texts else None
+        read = activations.read_chat_files if chat else activations.read_text_files
+        texts = list(read(args.texts)) if args.texts else None
     except (ValueError, FileNotFoundError) as err:
         raise SystemExit(f"error: {err}") from err
     reports: dict[str, dict] = {}
@@ -97,7 +101,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--n-tokens", type=int, default=8192, help="tokens for reconstruction and CE/KL metrics")
     evaluate.add_argument(
         "--texts", nargs="+", metavar="FILE",
-        help="evaluate on these .txt / .jsonl files (default: the embedded corpus)",
+        help="evaluate on these .txt / .jsonl files (default: the embedded corpus); chat JSONL files "
+        "({\"messages\": [...]} a line) are read as conversations, as with --chat",
+    )
+    evaluate.add_argument(
+        "--chat", action="store_true",
+        help="evaluate on conversations under the model's chat template, each one whole sequence: the "
+        "held-out split of the built-in chat set (stdlib Q/A), or of chat JSONL --texts",
+    )
+    evaluate.add_argument(
+        "--context-len", type=int, help="tokens per window, or per conversation with --chat (default: 128)",
     )
     evaluate.add_argument(
         "--split", default="heldout", choices=["heldout", "train", "all"],

@@ -40,7 +40,7 @@ class DataConfig:
     n_tokens: int = 400_000
     """Training tokens per SAE."""
     context_len: int = 128
-    """Tokens per window fed to the model (BOS included)."""
+    """Tokens per window fed to the model (BOS included); with sequential, the most of one sample."""
     batch_size: int = 4096
     """Activations per optimiser step."""
     device: str = "auto"
@@ -55,6 +55,12 @@ class DataConfig:
     """What a group SAE trains on: all (each token gives one row per member layer, k x batch_size
     rows a step) or one (each token gives the row of one random member layer: batch_size rows a
     step, so a group SAE costs what one layer's SAE costs)."""
+    chat: bool = False
+    """Chat data for an instruct model: texts are chat JSONL ({"messages": [{role, content}, ...]} a
+    line), or without texts the built-in chat set (stdlib Q/A); the model's chat template is applied."""
+    sequential: bool = False
+    """FAST: whole samples in order, one per sequence cut at context_len, never packed together
+    (default: shuffled documents packed into windows)."""
 
     def __post_init__(self) -> None:
         for name in ("n_tokens", "context_len", "batch_size"):
@@ -96,12 +102,16 @@ class TrainResult:
     models: dict = field(default_factory=dict)
 
 
-def downstream_evaluator(lm, site: str | list[str], texts: list[str] | None = None, n_tokens: int = 1024):
+def downstream_evaluator(
+    lm, site: str | list[str], texts: list | None = None, n_tokens: int = 1024, chat: bool = False
+):
     """CE-loss and KL scores with the SAE spliced into the model, on the held-out documents of
-    `texts` (None: the embedded corpus), which the training stream never reads. None (with a
-    warning) when `texts` has no held-out document. Several sites (a layer group's SAE): the
-    mean over them, plus each one's scores as `ce_loss_score@SITE` etc."""
-    if texts is not None and not any(activations.split_of(doc) == "heldout" for doc in texts):
+    `texts` (None: the embedded corpus; with `chat`, conversations and the built-in chat set),
+    which the training stream never reads. None (with a warning) when `texts` has no held-out
+    document. Several sites (a layer group's SAE): the mean over them, plus each one's scores as
+    `ce_loss_score@SITE` etc."""
+    key = activations.conversation_key if chat else str
+    if texts is not None and not any(activations.split_of(key(doc)) == "heldout" for doc in texts):
         warnings.warn(
             f"none of the {len(texts)} training documents is in the held-out split, so the run logs no "
             "CE-loss / KL score; pass more (or longer) text files to get one", stacklevel=2,
@@ -116,7 +126,7 @@ def downstream_evaluator(lm, site: str | list[str], texts: list[str] | None = No
         for one in sites:
             report = analysis.evaluate(
                 model, lm, one, texts=texts, n_tokens=n_tokens, split="heldout", absorption=False, probing=False,
-                contrastive=False, progress=False,
+                contrastive=False, progress=False, chat=chat,
             )
             scores[one] = {key: report[key] for key in keys}
         if len(sites) == 1:
@@ -140,7 +150,10 @@ def open_source(data: DataConfig, seed: int) -> DataSource:
     sites = layer_groups.member_sites(data.layers, data.layer_groups, data.sites)
     if data.activations:
         return from_activations(data.activations, sites, data.batch_size, data.n_tokens, seed, data.model)
-    return from_model(data.model, sites, data.texts, data.context_len, data.batch_size, data.n_tokens, seed, device)
+    return from_model(
+        data.model, sites, data.texts, data.context_len, data.batch_size, data.n_tokens, seed, device,
+        data.chat, data.sequential,
+    )
 
 
 def site_folders(sites: list[str]) -> dict[str, str]:
@@ -218,7 +231,10 @@ def _train_locked(
     try:
         for site, model in models.items():
             evaluated = source.members.get(site, site)
-            evaluator = downstream_evaluator(source.lm, evaluated, source.texts) if source.lm is not None else None
+            evaluator = (
+                downstream_evaluator(source.lm, evaluated, source.texts, chat=source.chat)
+                if source.lm is not None else None
+            )
             if resume:
                 trainers[site] = Trainer.resume(
                     out_dir / folders[site], logger=logger, evaluator=evaluator, out_dir=str(out_dir),
