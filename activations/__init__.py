@@ -15,7 +15,10 @@ for x in activations.CachedActivations("cache/").batches(4096):  # [4096, d] ten
 from .buffer import ShuffleBuffer
 from .cache import CachedActivations, write_cache
 from .hooks import harvest, logits, patch_site, token_mask
+from .mix import NAMED_SOURCES, SELFGEN_CORPUS, interleave, mixed_windows, named_texts, parse_mix
 from .model import LanguageModel, cache_dir, default_model_path, load_model, wrap_model
+from .package_docs import package_descriptions
+from .selfgen import Sampling, generate_corpus, read_manifest
 from .sites import check_site_name, decoder_layers, parse_site, valid_sites
 from .stream import stream
 from .text import (
@@ -35,6 +38,9 @@ __all__ = [
     "HELDOUT_FRACTION",
     "CachedActivations",
     "LanguageModel",
+    "NAMED_SOURCES",
+    "SELFGEN_CORPUS",
+    "Sampling",
     "ShuffleBuffer",
     "cache_dir",
     "check_site_name",
@@ -42,14 +48,21 @@ __all__ = [
     "default_model_path",
     "default_texts",
     "encode_texts",
+    "generate_corpus",
     "generated_texts",
     "harvest",
     "hf_dataset_texts",
+    "interleave",
     "iter_token_windows",
     "load_model",
     "logits",
+    "mixed_windows",
+    "named_texts",
+    "package_descriptions",
+    "parse_mix",
     "parse_site",
     "patch_site",
+    "read_manifest",
     "read_text_files",
     "select_split",
     "split_of",
