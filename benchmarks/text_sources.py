@@ -1,6 +1,7 @@
 """Which training text carries over to other text: TopK SAEs trained on the stdlib docstrings, on
 self-generated text (FaithfulSAE) and on a 50/50 mix, each evaluated on the held-out documents
 of both corpora and on text neither holds (the installed packages' README descriptions).
+A corpus smaller than --n-tokens is repeated (harvested once, then cycled in training).
 
 Prints one JSON object: per data choice, FVU and L0 per eval text, the CE-loss score on the
 out-of-domain text, and the dead / rarely firing latents over all eval tokens. Activations are
@@ -30,7 +31,8 @@ def harvested(path: Path, make) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
-def stream_rows(lm, site: str, texts, split: str, n_tokens: int) -> torch.Tensor:
+def stream_rows(lm, site: str, texts, split: str, n_tokens: int | None) -> torch.Tensor:
+    """Activations of the `split` documents: `n_tokens` of them, or one pass when None."""
     batches = activations.stream(lm, site, texts=texts, split=split, n_tokens=n_tokens, batch_size=1024, progress=True)
     return torch.cat([b[site] for b in batches])
 
@@ -122,7 +124,7 @@ def main() -> None:
     train_rows = {
         "docstrings": lambda: harvested(work / "train_docstrings.safetensors", docstring_rows)["x"],
         "selfgen": lambda: harvested(
-            work / "train_selfgen.safetensors", lambda: {"x": stream_rows(lm, site, selfgen, "train", args.n_tokens)})["x"],
+            work / "train_selfgen.safetensors", lambda: {"x": stream_rows(lm, site, selfgen, "train", None)})["x"],
     }
     eval_texts = {"docstrings": (docstrings, "heldout"), "selfgen": (selfgen, "heldout"),
                   "packages": (activations.package_descriptions(), "all")}
@@ -142,7 +144,8 @@ def main() -> None:
         if not (path / "sae.safetensors").is_file():
             if choice == "mix":
                 half = args.n_tokens // 2
-                x = torch.cat([train_rows["docstrings"]()[:half], train_rows["selfgen"]()[:half]])
+                own = train_rows["selfgen"]()  # repeated as the window mix repeats a small source
+                x = torch.cat([train_rows["docstrings"]()[:half], own[torch.arange(half) % len(own)]])
             else:
                 x = train_rows[choice]()
             train_sae(x, args).save(path)
