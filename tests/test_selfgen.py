@@ -108,16 +108,20 @@ def test_a_small_source_is_repeated_to_fill_its_share(tiny_tokenizer):
 
 
 def test_train_texts_resolve_names_files_and_mixes(tiny_lm, tmp_path):
-    jsonl = tmp_path / "notes.jsonl"
-    jsonl.write_text("".join(json.dumps({"text": d}) + "\n" for d in _tagged_docs("beta", 200)))
-    docs, source, mix = text_source(tiny_lm, [str(jsonl)], 32, 1000, 0)
+    files = {}
+    for tag in ("alpha", "beta"):
+        files[tag] = tmp_path / f"{tag}.jsonl"
+        files[tag].write_text("".join(json.dumps({"text": d}) + "\n" for d in _tagged_docs(tag, 200)))
+    docs, source, mix = text_source(tiny_lm, [str(files["beta"])], 32, 1000, 0)
     assert docs == source == _tagged_docs("beta", 200) and mix is None
-    docs, windows, mix = text_source(tiny_lm, ["docstrings:1", f"{jsonl}:1"], 32, 1000, 0)
-    assert mix == {"docstrings": 0.5, str(jsonl): 0.5} and windows.shape[1] == 32
+    docs, windows, mix = text_source(tiny_lm, [f"{files['alpha']}:1", f"{files['beta']}:3"], 32, 1000, 0)
+    assert mix == {str(files["alpha"]): 0.25, str(files["beta"]): 0.75} and windows.shape[1] == 32
     assert windows.shape[0] * 31 >= 1000  # enough windows for the run's tokens
-    assert docs[1].startswith("beta record")  # the evaluator's documents alternate between the sources
+    assert [d.split()[0] for d in docs[:4]] == ["alpha", "beta", "alpha", "beta"]  # the evaluator sees both
     with pytest.raises(FileNotFoundError, match="neither a file nor one of"):
-        text_source(tiny_lm, ["no-such-source:1", "docstrings:1"], 32, 1000, 0)
+        text_source(tiny_lm, ["no-such-source:1", f"{files['beta']}:1"], 32, 1000, 0)
+    assert activations.named_texts("docstrings") == activations.default_texts()
+    assert activations.named_texts("packages") == activations.package_descriptions()
 
 
 def test_package_descriptions_are_outside_both_corpora():
