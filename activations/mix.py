@@ -4,7 +4,8 @@ A source is `docstrings` (the embedded stdlib corpus), `selfgen` (the shipped co
 from SmolLM2-135M-Instruct itself, see `selfgen.py`), `packages` (the installed packages'
 descriptions, see `package_docs.py`) or a .txt/.jsonl file. `NAME:WEIGHT` entries mix sources:
 each source is cut into windows from its own documents of the split, and the mix takes
-windows in proportion to the weights, so the proportions hold exactly in tokens.
+windows in proportion to the weights, so the proportions hold in tokens (up to the document
+separators the stream drops).
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from .package_docs import package_descriptions
 from .text import HELDOUT_FRACTION, Split, default_texts, read_text_files, select_split, token_windows
 
 SELFGEN_CORPUS = Path(__file__).with_name("data") / "selfgen-smollm2-135m.jsonl"
-"""120k tokens sampled from SmolLM2-135M-Instruct from BOS, temperature 1, seed 0 (`sae generate`)."""
+"""59 documents, 12,013 tokens sampled by SmolLM2-135M-Instruct from BOS at temperature 1
+(`sae generate --tokens 12000 --batch-size 64 --seed 0`; its manifest lies beside it)."""
 NAMED_SOURCES = ("docstrings", "selfgen", "packages")
 
 

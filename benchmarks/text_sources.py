@@ -116,6 +116,7 @@ def main() -> None:
     p.add_argument("--selfgen", default="selfgen", help="the self-generated corpus: selfgen (shipped) or a .jsonl file")
     p.add_argument("--docstrings-cache", help="a `sae cache` folder of docstring activations at the site (skips harvesting)")
     p.add_argument("--only", nargs="+", help="data choices to run (default: docstrings selfgen mix)")
+    p.add_argument("--seed", type=int, default=0, help="SAE initialisation and batch order")
     p.add_argument("--prepare", action="store_true", help="only harvest and train what needs no self-generated text")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
@@ -152,7 +153,7 @@ def main() -> None:
 
     models = {}
     for choice in args.only or ["docstrings", "selfgen", "mix"]:
-        path = work / f"sae_{choice}"
+        path = work / (f"sae_{choice}" + (f"_seed{args.seed}" if args.seed else ""))
         if not (path / "sae.safetensors").is_file():
             if choice == "mix":
                 half = args.n_tokens // 2
@@ -160,7 +161,7 @@ def main() -> None:
                 x = torch.cat([train_rows["docstrings"]()[:half], own[torch.arange(half) % len(own)]])
             else:
                 x = train_rows[choice]()
-            train_sae(x, args).save(path)
+            train_sae(x, args, args.seed).save(path)
         models[choice] = sae.load(path)
     if args.prepare:
         return

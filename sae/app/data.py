@@ -158,9 +158,9 @@ def from_model(
 def text_source(
     lm: activations.LanguageModel, texts: list[str] | None, context_len: int, n_tokens: int, seed: int
 ) -> tuple[list[str] | None, list[str] | torch.Tensor | None, dict[str, float] | None]:
-    """(documents, what the stream reads, mix weights) for --texts: sources by name or path, read
-    in turn, or mixed by `NAME:WEIGHT` into token windows of the train split (the documents,
-    one source after another in turn, serve the held-out CE/KL evaluator)."""
+    """(documents, what the stream reads, mix weights) for --texts: sources by name or path read
+    one after another, or mixed by `NAME:WEIGHT` into token windows of their train splits (then
+    the documents, taken from each source in turn, serve the held-out CE/KL evaluator)."""
     if not texts:
         return None, None, None
     mix = activations.parse_mix(texts)
