@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
         overrides[part] = getattr(args, part)
     device = resolve_device(args.device)
     try:
-        texts = list(activations.read_text_files(args.texts)) if args.texts else None
+        texts = [doc for name in args.texts for doc in activations.named_texts(name)] if args.texts else None
     except (ValueError, FileNotFoundError) as err:
         raise SystemExit(f"error: {err}") from err
     reports: dict[str, dict] = {}
@@ -83,7 +83,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--n-tokens", type=int, default=8192, help="tokens for reconstruction and CE/KL metrics")
     evaluate.add_argument(
         "--texts", nargs="+", metavar="FILE",
-        help="evaluate on these .txt / .jsonl files (default: the embedded corpus)",
+        help="evaluate on these .txt / .jsonl files or named sources: docstrings, selfgen, packages (the installed "
+        "packages' READMEs, out of domain for both; use --split all) (default: the embedded corpus)",
     )
     evaluate.add_argument(
         "--split", default="heldout", choices=["heldout", "train", "all"],
