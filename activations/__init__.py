@@ -25,7 +25,10 @@ from .chat import (
     select_conversations,
 )
 from .hooks import harvest, logits, patch_site, token_mask
+from .mix import NAMED_SOURCES, SELFGEN_CORPUS, interleave, mixed_windows, named_texts, parse_mix
 from .model import LanguageModel, cache_dir, default_model_path, load_model, wrap_model
+from .package_docs import package_descriptions
+from .selfgen import Sampling, generate_corpus, read_manifest
 from .sequential import chat_token_mask, pad_samples, sample_batches
 from .sites import check_site_name, decoder_layers, parse_site, valid_sites
 from .stream import stream
@@ -46,6 +49,9 @@ __all__ = [
     "HELDOUT_FRACTION",
     "CachedActivations",
     "LanguageModel",
+    "NAMED_SOURCES",
+    "SELFGEN_CORPUS",
+    "Sampling",
     "ShuffleBuffer",
     "cache_dir",
     "chat_token_ids",
@@ -57,17 +63,24 @@ __all__ = [
     "default_model_path",
     "default_texts",
     "encode_texts",
+    "generate_corpus",
     "generated_texts",
     "harvest",
     "hf_dataset_texts",
+    "interleave",
     "is_chat_file",
     "iter_token_windows",
     "load_model",
     "logits",
+    "mixed_windows",
+    "named_texts",
+    "package_descriptions",
+    "parse_mix",
     "parse_site",
     "pad_samples",
     "patch_site",
     "read_chat_files",
+    "read_manifest",
     "read_text_files",
     "sample_batches",
     "select_conversations",

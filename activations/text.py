@@ -161,9 +161,11 @@ def generated_texts(
     batch_size: int = 16,
     temperature: float = 1.0,
     seed: int = 0,
+    top_p: float = 1.0,
 ) -> Iterator[str]:
     """Text sampled from the model itself, starting from BOS (self-generated data, as in
-    FaithfulSAE: the SAE then sees the model's own distribution)."""
+    FaithfulSAE: the SAE then sees the model's own distribution). Batch i is seeded with
+    `seed + i * batch_size`; `top_p` < 1 samples from the nucleus only."""
     tok = lm.tokenizer
     if tok.bos_token_id is None:
         raise ValueError(f"{lm.name}'s tokenizer has no BOS token to start sampling from; pass texts instead.")
@@ -181,6 +183,7 @@ def generated_texts(
                 do_sample=True,
                 temperature=temperature,
                 top_k=0,
+                top_p=top_p,
                 max_new_tokens=max_new_tokens,
                 pad_token_id=tok.pad_token_id,
             )

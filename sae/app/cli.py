@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import atomicfs
-from sae.app import cache_cmd, eval_cmd, features_cmd, probe_cmd, sensitivity_cmd, sites_cmd, steer_cmd
+from sae.app import cache_cmd, eval_cmd, features_cmd, generate_cmd, probe_cmd, sensitivity_cmd, sites_cmd, steer_cmd
 from sae.app.run import RUN_CONFIG, DataConfig, RunConfig
 from sae.config import SAEConfig, TrainConfig
 
@@ -196,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     for section, cls in SECTIONS.items():
         add_config_args(train, section, cls, shown[section])
     train.set_defaults(func=cmd_train)
-    for command in (cache_cmd, eval_cmd, features_cmd, probe_cmd, sensitivity_cmd, sites_cmd, steer_cmd):
+    for command in (cache_cmd, eval_cmd, features_cmd, generate_cmd, probe_cmd, sensitivity_cmd, sites_cmd, steer_cmd):
         command.add_parser(sub)
     return parser
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -152,15 +153,37 @@ def from_model(
     if chat:
         activations.chat.check_chat_template(lm.tokenizer, lm.name)
         docs = None if not texts else list(activations.read_chat_files(texts))
+        source, mix = docs, None
     else:
-        docs = None if not texts else list(activations.read_text_files(texts))
+        docs, source, mix = text_source(lm, texts, context_len, n_tokens, seed)
     # The trainer shows its own bar; the stream shows only the shuffle buffer filling.
     stream = activations.stream(
-        lm, sites, texts=docs, context_len=context_len, batch_size=batch_size, n_tokens=n_tokens, seed=seed,
+        lm, sites, texts=source, context_len=context_len, batch_size=batch_size, n_tokens=n_tokens, seed=seed,
         progress=False, fill_progress=True, split="train", chat=chat, sequential=sequential,
     )
     provenance = {"model": lm.name, "text_split": "train", "heldout_fraction": str(activations.HELDOUT_FRACTION)}
     for flag, on in (("chat", chat), ("sequential", sequential)):
         if on:
             provenance[flag] = "true"
+    if mix:
+        provenance["text_mix"] = ",".join(f"{name}:{weight:g}" for name, weight in mix.items())
     return DataSource({s: lm.d_model for s in sites}, stream, provenance, lm, docs, chat=chat)
+
+
+def text_source(
+    lm: activations.LanguageModel, texts: list[str] | None, context_len: int, n_tokens: int, seed: int
+) -> tuple[list[str] | None, list[str] | torch.Tensor | None, dict[str, float] | None]:
+    """(documents, what the stream reads, mix weights) for --texts: sources by name or path read
+    one after another, or mixed by `NAME:WEIGHT` into token windows of their train splits (then
+    the documents, taken from each source in turn, serve the held-out CE/KL evaluator)."""
+    if not texts:
+        return None, None, None
+    mix = activations.parse_mix(texts)
+    if mix is None:
+        docs = [doc for name in texts for doc in activations.named_texts(name)]
+        return docs, docs, None
+    sources = {name: activations.named_texts(name) for name in mix}
+    # Dropped separators and BOS make a window yield a little less than context_len - 1 tokens.
+    n_windows = math.ceil(1.05 * n_tokens / (context_len - 1)) + 1
+    windows = activations.mixed_windows(lm.tokenizer, sources, mix, n_windows, context_len, seed)
+    return activations.interleave(list(sources.values())), windows, mix

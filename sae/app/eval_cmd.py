@@ -50,8 +50,10 @@ def run(args: argparse.Namespace) -> int:
         overrides[part] = getattr(args, part)
     device = resolve_device(args.device)
     try:
-        read = activations.read_chat_files if chat else activations.read_text_files
-        texts = list(read(args.texts)) if args.texts else None
+        if chat:
+            texts = list(activations.read_chat_files(args.texts)) if args.texts else None
+        else:
+            texts = [doc for name in args.texts for doc in activations.named_texts(name)] if args.texts else None
     except (ValueError, FileNotFoundError) as err:
         raise SystemExit(f"error: {err}") from err
     reports: dict[str, dict] = {}
@@ -101,8 +103,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--n-tokens", type=int, default=8192, help="tokens for reconstruction and CE/KL metrics")
     evaluate.add_argument(
         "--texts", nargs="+", metavar="FILE",
-        help="evaluate on these .txt / .jsonl files (default: the embedded corpus); chat JSONL files "
-        "({\"messages\": [...]} a line) are read as conversations, as with --chat",
+        help="evaluate on these .txt / .jsonl files or named sources: docstrings, selfgen, packages (the installed "
+        "packages' READMEs, out of domain for both; use --split all) (default: the embedded corpus); chat JSONL "
+        "files ({\"messages\": [...]} a line) are read as conversations, as with --chat",
     )
     evaluate.add_argument(
         "--chat", action="store_true",

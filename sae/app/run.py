@@ -36,7 +36,10 @@ class DataConfig:
     """Train on saved activations instead of running a model: a .safetensors file of [N, d]
     tensors (named by site, or a single tensor) or a directory written by `sae cache`."""
     texts: list[str] | None = None
-    """Local .txt/.jsonl files to read; None uses the embedded corpus (stdlib docstrings)."""
+    """Text sources: .txt/.jsonl files or the names docstrings (stdlib docstrings), selfgen (text
+    sampled from SmolLM2-135M-Instruct itself, shipped), packages (installed packages' READMEs);
+    NAME:WEIGHT entries mix them in those token proportions (docstrings:0.5 selfgen:0.5).
+    None: docstrings."""
     n_tokens: int = 400_000
     """Training tokens per SAE."""
     context_len: int = 128
