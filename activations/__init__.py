@@ -17,6 +17,7 @@ from .cache import CachedActivations, write_cache
 from .hooks import harvest, logits, patch_site, token_mask
 from .model import LanguageModel, cache_dir, default_model_path, load_model, wrap_model
 from .sites import check_site_name, decoder_layers, parse_site, valid_sites
+from .position import StreamPosition
 from .stream import stream
 from .text import (
     HELDOUT_FRACTION,
@@ -36,6 +37,7 @@ __all__ = [
     "CachedActivations",
     "LanguageModel",
     "ShuffleBuffer",
+    "StreamPosition",
     "cache_dir",
     "check_site_name",
     "decoder_layers",

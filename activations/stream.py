@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from .buffer import Batch, ShuffleBuffer
 from .hooks import harvest, token_mask
 from .model import LanguageModel
+from .position import StreamPosition, text_digest
 from .sites import parse_sites
 from .text import HELDOUT_FRACTION, Split, check_split, default_texts, iter_token_windows, select_split
 
@@ -28,9 +29,25 @@ def _windows(
     repeat: bool,
     split: Split = "train",
     heldout_fraction: float = HELDOUT_FRACTION,
+    position: StreamPosition | None = None,
 ) -> Iterator[Tensor]:
     """Token windows from the documents of `split`, reshuffling document order each pass when
-    the source can repeat. A tensor of token windows is used as given (it has no documents)."""
+    the source can repeat. A tensor of token windows is used as given (it has no documents).
+    `position` is kept at the pass and the windows yielded in it; a saved one is skipped to
+    (tokenising the skipped windows, never running the model on them)."""
+    position = position if position is not None else StreamPosition()
+    start_pass, skip = position.pass_index, position.windows_in_pass
+
+    def passes() -> Iterator[tuple[int, int]]:  # (pass, windows to skip in it), keeping `position` at it
+        for p in itertools.count(start_pass) if repeat else range(start_pass, 1):
+            position.pass_index, position.windows_in_pass = p, skip if p == start_pass else 0
+            yield p, position.windows_in_pass
+
+    def counted(windows: Iterator[Tensor]) -> Iterator[Tensor]:
+        for window in windows:
+            position.windows_in_pass += 1
+            yield window
+
     if isinstance(texts, str):
         raise TypeError("texts must be a list of documents, not one string: wrap it as [text]")
     if isinstance(texts, Tensor):
@@ -38,12 +55,13 @@ def _windows(
             raise ValueError(f"a tensor text source must be token windows [n, context_len], got {tuple(texts.shape)}")
         if len(texts) == 0:
             raise ValueError("the token-window tensor is empty")
-        for p in itertools.count() if repeat else range(1):
+        for p, skipped in passes():
             order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(seed + p))
-            yield from texts[order]
+            yield from counted(iter(texts[order[skipped:]]))
         return
     if not isinstance(texts, Sequence):  # one-shot iterable: a single pass in its own order
-        yield from iter_token_windows(lm.tokenizer, select_split(texts, split, heldout_fraction), context_len)
+        windows = iter_token_windows(lm.tokenizer, select_split(texts, split, heldout_fraction), context_len)
+        yield from counted(itertools.islice(windows, skip, None))
         return
     selected = list(select_split(texts, split, heldout_fraction))
     if not selected:
@@ -51,14 +69,16 @@ def _windows(
             f"none of the {len(texts)} documents falls in the {split!r} split (held-out fraction "
             f"{heldout_fraction}); pass more documents or split='all' to use them all"
         )
-    for p in itertools.count() if repeat else range(1):
-        if p == 1:
+    for p, skipped in passes():
+        if p == 1 and not skipped:
             warnings.warn("stream: the text source is exhausted; starting another pass over it", stacklevel=3)
         docs = list(selected)
         random.Random(seed + p).shuffle(docs)
         n = 0
         for n, window in enumerate(iter_token_windows(lm.tokenizer, docs, context_len), 1):
-            yield window
+            if n > skipped:
+                position.windows_in_pass += 1
+                yield window
         if n == 0:
             raise ValueError(f"the texts ({len(docs)} documents) hold fewer than {context_len} tokens: no window")
 
@@ -95,6 +115,7 @@ def stream(
     split: Split = "train",
     heldout_fraction: float = HELDOUT_FRACTION,
     fill_progress: bool | None = None,
+    position: StreamPosition | None = None,
 ) -> Iterator[dict[str, Tensor]]:
     """Shuffled activation batches: dict site -> [batch_size, d] float32 on the model's device.
 
@@ -106,7 +127,9 @@ def stream(
     `drop_special=False`. `buffer_tokens` bounds the shuffle buffer (default 16 x batch_size,
     at most a quarter of `n_tokens` but at least one batch); tokens mix across all windows it
     holds. The first batch comes once the buffer is full: `fill_progress` (default: `progress`)
-    shows a bar while it fills.
+    shows a bar while it fills. `position` (see `StreamPosition`) is kept current at every
+    batch yielded; one saved from a stream with the same arguments makes this stream continue
+    right after that batch, without running the model on the windows already harvested.
     """
     names = [s.name for s in parse_sites(lm, sites)]
     if n_tokens is not None and n_tokens <= 0:
@@ -115,19 +138,29 @@ def stream(
     texts = default_texts() if texts is None else texts
     capacity = buffer_tokens or _buffer_size(batch_size, n_tokens)
     buffer = ShuffleBuffer(capacity, batch_size, seed=seed)
-    windows = _windows(lm, texts, context_len, seed, n_tokens is not None, split, heldout_fraction)
     if n_tokens is not None:  # a short run needs no more windows per forward than it uses
         lm_batch_size = min(lm_batch_size, max(1, -(-n_tokens // (context_len - 1))))
+    position = position if position is not None else StreamPosition()
+    settings = {
+        "model": lm.name, "sites": names, "texts": text_digest(texts if isinstance(texts, Sequence | Tensor) else None),
+        "context_len": context_len, "batch_size": batch_size, "n_tokens": n_tokens, "seed": seed,
+        "lm_batch_size": lm_batch_size, "capacity": capacity, "drop_special": drop_special, "drop_last": drop_last,
+        "split": split, "heldout_fraction": heldout_fraction,
+    }
+    position.attach(buffer, settings, lm.device)
+    windows = _windows(lm, texts, context_len, seed, n_tokens is not None, split, heldout_fraction, position)
     rows = _harvested_rows(lm, windows, names, lm_batch_size, drop_special)
-    sent = 0
+    sent = position.tokens_sent
     fill_progress = progress if fill_progress is None else fill_progress
     with (
-        tqdm(total=n_tokens, unit="tok", desc="activations", disable=not progress) as bar,
-        tqdm(total=capacity, unit="tok", desc="filling shuffle buffer", disable=not fill_progress, leave=False) as fill,
+        tqdm(total=n_tokens, initial=sent, unit="tok", desc="activations", disable=not progress) as bar,
+        tqdm(total=capacity, unit="tok", desc="filling shuffle buffer", disable=not fill_progress or sent > 0,
+             leave=False) as fill,
     ):
 
         def pushed() -> Iterator[Batch]:
             filled = False
+            yield from buffer.ready()  # batches a restored buffer already holds
             for r in rows:
                 yield from buffer.push(r)
                 if not filled:
@@ -141,9 +174,11 @@ def stream(
             if n_tokens is not None and sent + len(next(iter(batch.values()))) > n_tokens:
                 batch = {k: v[: n_tokens - sent] for k, v in batch.items()}
             n = len(next(iter(batch.values())))
-            if n:
-                yield batch
             sent += n
             bar.update(n)
+            if n:
+                position.yielded(sent)
+                yield batch
+                position.at_batch = False
             if n_tokens is not None and sent >= n_tokens:
                 return

@@ -1,0 +1,133 @@
+"""Where a `stream` is, as a small saveable state, so a resumed run continues without replay.
+
+A stream given a `StreamPosition` keeps it current: which pass over the documents it is in, how
+many token windows of that pass it has harvested, the tokens and batches it has yielded, and its
+shuffle buffer (rows, pending rows, RNG). Saved at a yielded batch and passed to a new `stream`
+with the same settings, it continues with exactly the batches the first stream would have
+yielded next: the windows already harvested are tokenised again (cheap) but never re-run
+through the model.
+
+```python
+position = activations.StreamPosition()
+batches = activations.stream(lm, sites, n_tokens=10**6, position=position)
+...                                   # after taking some batches
+position.save("run/stream_state")
+later = activations.stream(lm, sites, n_tokens=10**6, position=activations.StreamPosition.load("run/stream_state"))
+```
+
+The saved buffer holds up to `capacity` rows per site in float32 (the default 16 x 4096 rows
+of d=576 are ~150 MB per site).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+import atomicfs
+
+from .buffer import ShuffleBuffer
+
+STATE_JSON = "stream_state.json"
+BUFFER_TENSORS = "shuffle_buffer.safetensors"
+FORMAT_VERSION = 1
+
+
+class StreamPosition:
+    """A stream's position; see the module docstring. Fresh (`StreamPosition()`) or `load`ed."""
+
+    def __init__(self) -> None:
+        self.settings: dict[str, Any] = {}
+        """What fixes the stream's sequence (model, sites, text digest, sizes, seed); a restore checks it."""
+        self.pass_index = 0
+        """Pass over the documents (their order is shuffled with seed + pass)."""
+        self.windows_in_pass = 0
+        """Token windows of this pass already harvested (their rows are in the buffer or yielded)."""
+        self.tokens_sent = 0
+        self.batches_sent = 0
+        self.at_batch = True
+        """True while the stream waits at a yielded batch: only then is the state whole."""
+        self.buffer: ShuffleBuffer | None = None
+        self._saved_buffer: tuple[dict[str, Tensor], dict[str, Any]] | None = None
+
+    def attach(self, buffer: ShuffleBuffer, settings: dict[str, Any], device: str | torch.device) -> None:
+        """Called by `stream` as it starts: check a loaded position's settings and refill `buffer`."""
+        settings = json.loads(json.dumps(settings))  # the form it takes in the JSON file
+        if self.settings and self.settings != settings:
+            changed = {k: (self.settings.get(k), settings.get(k)) for k in settings.keys() | self.settings.keys()
+                       if self.settings.get(k) != settings.get(k)}
+            raise ValueError(
+                f"the saved stream position belongs to a stream with other settings (saved, now: {changed}); "
+                "resume with the data settings the run started with"
+            )
+        self.settings, self.buffer, self.at_batch = settings, buffer, False
+        if self._saved_buffer is not None:
+            buffer.load_state_dict(*self._saved_buffer, device=device)
+            self._saved_buffer = None
+
+    def yielded(self, tokens_sent: int) -> None:
+        """Called by `stream` just before it yields a batch."""
+        self.tokens_sent = tokens_sent
+        self.batches_sent += 1
+        self.at_batch = True
+
+    def save(self, folder: str | os.PathLike) -> Path:
+        """Write the position (counters as JSON, buffer as safetensors), swapped in atomically."""
+        if self.buffer is None or not self.at_batch:
+            raise RuntimeError("a stream position can only be saved while its stream waits at a yielded batch")
+        tensors, buffer_info = self.buffer.state_dict()
+        info = {
+            "format_version": FORMAT_VERSION, "settings": self.settings, "pass_index": self.pass_index,
+            "windows_in_pass": self.windows_in_pass, "tokens_sent": self.tokens_sent,
+            "batches_sent": self.batches_sent, "buffer": buffer_info,
+        }
+
+        def build(tmp: Path) -> None:
+            with atomicfs.atomic_path(tmp / BUFFER_TENSORS) as path:
+                save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+            atomicfs.write_json(tmp / STATE_JSON, info)
+
+        return atomicfs.replace_dir(folder, build)
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike) -> StreamPosition:
+        """A position saved by `save` (the newest complete copy of the folder)."""
+        found = atomicfs.newest_complete(folder)
+        if found is None or not (found / STATE_JSON).is_file():
+            raise FileNotFoundError(f"no saved stream position at {folder}")
+        try:
+            info = json.loads((found / STATE_JSON).read_text())
+            tensors = load_file(str(found / BUFFER_TENSORS))
+        except (json.JSONDecodeError, SafetensorError, OSError) as err:
+            raise ValueError(f"the stream position in {found} is corrupt ({err}); resume without it") from err
+        if info.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{found / STATE_JSON} has format_version {info.get('format_version')}; this reads {FORMAT_VERSION}")
+        position = cls()
+        position.settings = info["settings"]
+        position.pass_index, position.windows_in_pass = info["pass_index"], info["windows_in_pass"]
+        position.tokens_sent, position.batches_sent = info["tokens_sent"], info["batches_sent"]
+        position._saved_buffer = (tensors, info["buffer"])
+        return position
+
+
+def text_digest(texts: Sequence[str] | Tensor | None) -> str:
+    """A short fingerprint of a text source (documents or token windows), to check a restore."""
+    if texts is None:
+        return "one-shot iterable"
+    digest = hashlib.sha256()
+    if isinstance(texts, Tensor):
+        digest.update(str(tuple(texts.shape)).encode())
+        digest.update(texts.contiguous().cpu().numpy().tobytes())
+    else:
+        for doc in texts:
+            digest.update(doc.encode())
+            digest.update(b"\0")
+    return digest.hexdigest()[:16]
