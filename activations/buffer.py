@@ -39,6 +39,11 @@ class ShuffleBuffer:
 
     def push(self, rows: Batch) -> Iterator[Batch]:
         """Add rows; yields every batch that became ready."""
+        self.add(rows)
+        yield from self.ready()
+
+    def add(self, rows: Batch) -> None:
+        """Add rows without taking batches out (`ready` yields those)."""
         n = next(iter(rows.values())).shape[0]
         if any(v.shape[0] != n for v in rows.values()):
             raise ValueError("every site must contribute the same number of rows")
@@ -55,7 +60,6 @@ class ShuffleBuffer:
             return
         extra = {k: v[free:] for k, v in rows.items()}
         self._pending = {k: torch.cat([self._pending[k], extra[k]]) for k in extra} if self._pending else extra
-        yield from self.ready()
 
     def ready(self) -> Iterator[Batch]:
         """The batches the pending rows already make. The buffer's state is whole at every yield

@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,20 +42,28 @@ BUFFER_TENSORS = "shuffle_buffer.safetensors"
 FORMAT_VERSION = 1
 
 
+@dataclass
+class WindowCursor:
+    """The windows a stream has taken so far: its pass over the documents and windows of that pass."""
+
+    pass_index: int = 0
+    windows_in_pass: int = 0
+
+
 class StreamPosition:
     """A stream's position; see the module docstring. Fresh (`StreamPosition()`) or `load`ed."""
 
     def __init__(self) -> None:
         self.settings: dict[str, Any] = {}
         """What fixes the stream's sequence (model, sites, text digest, sizes, seed); a restore checks it."""
-        self.pass_index = 0
-        """Pass over the documents (their order is shuffled with seed + pass)."""
-        self.windows_in_pass = 0
-        """Token windows of this pass already harvested (their rows are in the buffer or yielded)."""
+        self.windows = WindowCursor()
+        """Pass over the documents (their order is shuffled with seed + pass) and the windows of it
+        whose rows are in the buffer or yielded."""
         self.tokens_sent = 0
         self.batches_sent = 0
-        self.at_batch = True
-        """True while the stream waits at a yielded batch: only then is the state whole."""
+        self.whole = True
+        """True when counters and buffer agree: while the stream waits at a yielded batch or runs the
+        model on the next windows (an interrupt there keeps it valid); False while it changes them."""
         self.buffer: ShuffleBuffer | None = None
         self._saved_buffer: tuple[dict[str, Tensor], dict[str, Any]] | None = None
 
@@ -68,7 +77,7 @@ class StreamPosition:
                 f"the saved stream position belongs to a stream with other settings (saved, now: {changed}); "
                 "resume with the data settings the run started with"
             )
-        self.settings, self.buffer, self.at_batch = settings, buffer, False
+        self.settings, self.buffer, self.whole = settings, buffer, False
         if self._saved_buffer is not None:
             buffer.load_state_dict(*self._saved_buffer, device=device)
             self._saved_buffer = None
@@ -77,16 +86,16 @@ class StreamPosition:
         """Called by `stream` just before it yields a batch."""
         self.tokens_sent = tokens_sent
         self.batches_sent += 1
-        self.at_batch = True
+        self.whole = True
 
     def save(self, folder: str | os.PathLike) -> Path:
         """Write the position (counters as JSON, buffer as safetensors), swapped in atomically."""
-        if self.buffer is None or not self.at_batch:
-            raise RuntimeError("a stream position can only be saved while its stream waits at a yielded batch")
+        if self.buffer is None or not self.whole:
+            raise RuntimeError("the stream was stopped while changing its position: it cannot be saved now")
         tensors, buffer_info = self.buffer.state_dict()
         info = {
-            "format_version": FORMAT_VERSION, "settings": self.settings, "pass_index": self.pass_index,
-            "windows_in_pass": self.windows_in_pass, "tokens_sent": self.tokens_sent,
+            "format_version": FORMAT_VERSION, "settings": self.settings, "pass_index": self.windows.pass_index,
+            "windows_in_pass": self.windows.windows_in_pass, "tokens_sent": self.tokens_sent,
             "batches_sent": self.batches_sent, "buffer": buffer_info,
         }
 
@@ -112,7 +121,7 @@ class StreamPosition:
             raise ValueError(f"{found / STATE_JSON} has format_version {info.get('format_version')}; this reads {FORMAT_VERSION}")
         position = cls()
         position.settings = info["settings"]
-        position.pass_index, position.windows_in_pass = info["pass_index"], info["windows_in_pass"]
+        position.windows = WindowCursor(info["pass_index"], info["windows_in_pass"])
         position.tokens_sent, position.batches_sent = info["tokens_sent"], info["batches_sent"]
         position._saved_buffer = (tensors, info["buffer"])
         return position

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from .buffer import Batch, ShuffleBuffer
 from .hooks import harvest, token_mask
 from .model import LanguageModel
-from .position import StreamPosition, text_digest
+from .position import StreamPosition, WindowCursor, text_digest
 from .sites import parse_sites
 from .text import HELDOUT_FRACTION, Split, check_split, default_texts, iter_token_windows, select_split
 
@@ -29,13 +29,13 @@ def _windows(
     repeat: bool,
     split: Split = "train",
     heldout_fraction: float = HELDOUT_FRACTION,
-    position: StreamPosition | None = None,
+    cursor: WindowCursor | None = None,
 ) -> Iterator[Tensor]:
     """Token windows from the documents of `split`, reshuffling document order each pass when
     the source can repeat. A tensor of token windows is used as given (it has no documents).
-    `position` is kept at the pass and the windows yielded in it; a saved one is skipped to
-    (tokenising the skipped windows, never running the model on them)."""
-    position = position if position is not None else StreamPosition()
+    `cursor` is kept at the pass and the windows yielded in it; it starts where it points
+    (the windows before are tokenised again, never run through the model)."""
+    position = cursor if cursor is not None else WindowCursor()
     start_pass, skip = position.pass_index, position.windows_in_pass
 
     def passes() -> Iterator[tuple[int, int]]:  # (pass, windows to skip in it), keeping `position` at it
@@ -148,7 +148,8 @@ def stream(
         "split": split, "heldout_fraction": heldout_fraction,
     }
     position.attach(buffer, settings, lm.device)
-    windows = _windows(lm, texts, context_len, seed, n_tokens is not None, split, heldout_fraction, position)
+    cursor = WindowCursor(position.windows.pass_index, position.windows.windows_in_pass)
+    windows = _windows(lm, texts, context_len, seed, n_tokens is not None, split, heldout_fraction, cursor)
     rows = _harvested_rows(lm, windows, names, lm_batch_size, drop_special)
     sent = position.tokens_sent
     fill_progress = progress if fill_progress is None else fill_progress
@@ -161,13 +162,21 @@ def stream(
         def pushed() -> Iterator[Batch]:
             filled = False
             yield from buffer.ready()  # batches a restored buffer already holds
-            for r in rows:
-                yield from buffer.push(r)
+            while True:
+                position.whole = True  # running the model changes no state: an interrupt keeps `position` valid
+                r = next(rows, None)
+                if r is None:
+                    break
+                position.whole = False
+                buffer.add(r)
+                position.windows = WindowCursor(cursor.pass_index, cursor.windows_in_pass)
                 if not filled:
                     filled = len(buffer) >= capacity
                     fill.update(min(len(buffer), capacity) - fill.n)
                     if filled:
                         fill.close()
+                yield from buffer.ready()
+            position.whole = False
             yield from buffer.drain(drop_last)
 
         for batch in pushed():

@@ -48,7 +48,40 @@ def test_stream_continues_from_a_saved_position_without_reharvesting(tiny_lm, tm
         first = list(itertools.islice(activations.stream(tiny_lm, sites, position=position, **kwargs), cut))
         position.save(tmp_path / f"at-{cut}")
         resumed = StreamPosition.load(tmp_path / f"at-{cut}")
-        assert resumed.batches_sent == cut and resumed.windows_in_pass > 0
+        assert resumed.batches_sent == cut and resumed.windows.windows_in_pass > 0
         rest = list(activations.stream(tiny_lm, sites, position=resumed, **kwargs))
         assert _same(first + rest, full), cut
         assert sum(harvested) == full_windows, "the resumed stream ran the model on a window already harvested"
+
+
+def test_an_interrupt_while_the_model_runs_leaves_a_position_that_resumes_exactly(tiny_lm, tmp_path, monkeypatch):
+    kwargs = dict(texts=activations.default_texts(limit=40), context_len=32, batch_size=64, n_tokens=2000, seed=1,
+                  lm_batch_size=4, buffer_tokens=256, progress=False)
+    site = ["blocks.1.hook_resid_post"]
+    full = list(activations.stream(tiny_lm, site, **kwargs))
+    original = stream_module.harvest
+    calls = []
+
+    def interrupted(*args, **kw):  # Ctrl-C in the middle of the 9th forward pass
+        calls.append(1)
+        if len(calls) == 9:
+            raise KeyboardInterrupt
+        return original(*args, **kw)
+
+    monkeypatch.setattr(stream_module, "harvest", interrupted)
+    position, got = StreamPosition(), []
+    with pytest.raises(KeyboardInterrupt):
+        got.extend(activations.stream(tiny_lm, site, position=position, **kwargs))
+    assert position.whole and position.batches_sent == len(got) > 0
+    position.save(tmp_path / "pos")
+    monkeypatch.setattr(stream_module, "harvest", original)
+    rest = list(activations.stream(tiny_lm, site, position=StreamPosition.load(tmp_path / "pos"), **kwargs))
+    assert _same(got + rest, full)
+
+    # Stopped while the buffer changes, the position is partial: saving it is refused, not done wrong.
+    monkeypatch.setattr(activations.ShuffleBuffer, "_swap_out", lambda self, rows: (_ for _ in ()).throw(KeyboardInterrupt))
+    position = StreamPosition()
+    with pytest.raises(KeyboardInterrupt):
+        list(activations.stream(tiny_lm, site, position=position, **kwargs))
+    with pytest.raises(RuntimeError, match="cannot be saved"):
+        position.save(tmp_path / "partial")
