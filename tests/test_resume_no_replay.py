@@ -85,3 +85,47 @@ def test_an_interrupt_while_the_model_runs_leaves_a_position_that_resumes_exactl
         list(activations.stream(tiny_lm, site, position=position, **kwargs))
     with pytest.raises(RuntimeError, match="cannot be saved"):
         position.save(tmp_path / "partial")
+
+
+@pytest.fixture
+def small_cache(tiny_lm, tmp_path, monkeypatch):
+    """A cache of 900 rows in 5 shards (the last shorter) and two sites; column 0 of a row is its
+    number (the rows stand in for the model's, so that every row is told apart)."""
+    rows = torch.randn(900, tiny_lm.d_model)
+    rows[:, 0] = torch.arange(900)
+    fake_stream = lambda lm, sites, **kw: ({s: rows[i : i + 100] * (1 + j) for j, s in enumerate(sites)} for i in range(0, 900, 100))
+    monkeypatch.setattr(importlib.import_module("activations.cache"), "stream", fake_stream)
+    sites = ["blocks.1.hook_resid_post", "blocks.2.hook_resid_post"]
+    return activations.CachedActivations(activations.write_cache(tiny_lm, sites, tmp_path / "cache", shard_tokens=200))
+
+
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_cache_starts_at_a_batch_reading_only_rows_not_yet_yielded(small_cache, monkeypatch, drop_last):
+    cache = small_cache
+    kwargs = dict(batch_size=32, seed=5, buffer_tokens=160, drop_last=drop_last)
+    full = list(cache.batch_dicts(epochs=2, **kwargs))
+    for cut in (1, 9, len(full) // 2 - 1, len(full) // 2, len(full) // 2 + 3, len(full) - 1):  # both epochs, and in the drain
+        assert _same(list(cache.batch_dicts(epochs=2, start_batch=cut, **kwargs)), full[cut:]), cut
+
+    site = cache.sites[0]
+    read: set[int] = set()
+    read_rows, read_shard = type(cache).read_rows, type(cache).read_shard
+    bounds = list(itertools.accumulate((s["n_tokens"] for s in cache.manifest["shards"]), initial=0))
+
+    def recording_rows(self, rows, sites=None):
+        read.update(rows.tolist())
+        return read_rows(self, rows, sites)
+
+    def recording_shard(self, index, sites=None):
+        read.update(range(bounds[index], bounds[index + 1]))
+        return read_shard(self, index, sites)
+
+    monkeypatch.setattr(type(cache), "read_rows", recording_rows)
+    monkeypatch.setattr(type(cache), "read_shard", recording_shard)
+    one_epoch = list(cache.batch_dicts(epochs=1, **kwargs))
+    for cut in (3, 11, len(one_epoch) - 2):
+        read.clear()
+        rest = list(cache.batch_dicts(epochs=1, start_batch=cut, **kwargs))
+        assert _same(rest, one_epoch[cut:])
+        skipped = {int(n) for batch in one_epoch[:cut] for n in batch[site][:, 0]}
+        assert read == set(range(900)) - skipped, "rows of skipped batches were read (or rows went missing)"
