@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,7 +65,10 @@ class StreamPosition:
         """True when counters and buffer agree: while the stream waits at a yielded batch or runs the
         model on the next windows (an interrupt there keeps it valid); False while it changes them."""
         self.buffer: ShuffleBuffer | None = None
+        self.last_batch: dict[str, Tensor] | None = None
+        """The batch yielded last (a reference): saved when its consumer stopped before using it."""
         self._saved_buffer: tuple[dict[str, Tensor], dict[str, Any]] | None = None
+        self._held: dict[str, Tensor] | None = None
 
     def attach(self, buffer: ShuffleBuffer, settings: dict[str, Any], device: str | torch.device) -> None:
         """Called by `stream` as it starts: check a loaded position's settings and refill `buffer`."""
@@ -81,22 +84,41 @@ class StreamPosition:
         if self._saved_buffer is not None:
             buffer.load_state_dict(*self._saved_buffer, device=device)
             self._saved_buffer = None
+        if self._held is not None:
+            self._held = {k: v.to(device) for k, v in self._held.items()}
 
-    def yielded(self, tokens_sent: int) -> None:
-        """Called by `stream` just before it yields a batch."""
+    def yielded(self, tokens_sent: int, batch: dict[str, Tensor]) -> None:
+        """Called by `stream` just before it yields `batch`."""
         self.tokens_sent = tokens_sent
         self.batches_sent += 1
+        self.last_batch = batch
         self.whole = True
 
-    def save(self, folder: str | os.PathLike) -> Path:
-        """Write the position (counters as JSON, buffer as safetensors), swapped in atomically."""
+    def take_held(self) -> Iterator[dict[str, Tensor]]:
+        """The batch a saved position kept because its consumer had not used it (yielded first)."""
+        held, self._held = self._held, None
+        if held is not None:
+            yield held
+
+    def save(self, folder: str | os.PathLike, used: int | None = None) -> Path:
+        """Write the position (counters as JSON, buffer as safetensors), swapped in atomically.
+        `used`: batches the consumer has used, the batches yielded (default) or one fewer, when it
+        stopped before using the last one; that batch is then saved and yielded first on resume."""
         if self.buffer is None or not self.whole:
             raise RuntimeError("the stream was stopped while changing its position: it cannot be saved now")
+        used = self.batches_sent if used is None else used
+        if used not in (self.batches_sent, self.batches_sent - 1):
+            raise ValueError(f"the stream has yielded {self.batches_sent} batches; it cannot be saved as having {used} used")
         tensors, buffer_info = self.buffer.state_dict()
+        held = used < self.batches_sent
+        tokens_sent = self.tokens_sent
+        if held:  # counted again when it is yielded again
+            tensors.update({f"held.{k}": v.cpu() for k, v in self.last_batch.items()})
+            tokens_sent -= next(iter(self.last_batch.values())).shape[0]
         info = {
             "format_version": FORMAT_VERSION, "settings": self.settings, "pass_index": self.windows.pass_index,
-            "windows_in_pass": self.windows.windows_in_pass, "tokens_sent": self.tokens_sent,
-            "batches_sent": self.batches_sent, "buffer": buffer_info,
+            "windows_in_pass": self.windows.windows_in_pass, "tokens_sent": tokens_sent,
+            "batches_sent": used, "buffer": buffer_info, "held_batch": held,
         }
 
         def build(tmp: Path) -> None:
@@ -123,6 +145,8 @@ class StreamPosition:
         position.settings = info["settings"]
         position.windows = WindowCursor(info["pass_index"], info["windows_in_pass"])
         position.tokens_sent, position.batches_sent = info["tokens_sent"], info["batches_sent"]
+        held = {k[5:]: tensors.pop(k) for k in list(tensors) if k.startswith("held.")}
+        position._held = held or None
         position._saved_buffer = (tensors, info["buffer"])
         return position
 

@@ -179,14 +179,14 @@ def stream(
             position.whole = False
             yield from buffer.drain(drop_last)
 
-        for batch in pushed():
+        for batch in itertools.chain(position.take_held(), pushed()):
             if n_tokens is not None and sent + len(next(iter(batch.values()))) > n_tokens:
                 batch = {k: v[: n_tokens - sent] for k, v in batch.items()}
             n = len(next(iter(batch.values())))
             sent += n
             bar.update(n)
             if n:
-                position.yielded(sent)
+                position.yielded(sent, batch)
                 yield batch
                 position.at_batch = False
             if n_tokens is not None and sent >= n_tokens:

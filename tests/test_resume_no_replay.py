@@ -46,11 +46,12 @@ def test_stream_continues_from_a_saved_position_without_reharvesting(tiny_lm, tm
         harvested.clear()
         position = StreamPosition()
         first = list(itertools.islice(activations.stream(tiny_lm, sites, position=position, **kwargs), cut))
-        position.save(tmp_path / f"at-{cut}")
+        used = cut - 1 if cut == 5 else cut  # at 5, the consumer stopped before using the batch it took
+        position.save(tmp_path / f"at-{cut}", used=used)
         resumed = StreamPosition.load(tmp_path / f"at-{cut}")
-        assert resumed.batches_sent == cut and resumed.windows.windows_in_pass > 0
+        assert resumed.batches_sent == used and resumed.windows.windows_in_pass > 0
         rest = list(activations.stream(tiny_lm, sites, position=resumed, **kwargs))
-        assert _same(first + rest, full), cut
+        assert _same(first[:used] + rest, full), cut
         assert sum(harvested) == full_windows, "the resumed stream ran the model on a window already harvested"
 
 
@@ -129,3 +130,74 @@ def test_cache_starts_at_a_batch_reading_only_rows_not_yet_yielded(small_cache, 
         assert _same(rest, one_epoch[cut:])
         skipped = {int(n) for batch in one_epoch[:cut] for n in batch[site][:, 0]}
         assert read == set(range(900)) - skipped, "rows of skipped batches were read (or rows went missing)"
+
+
+def test_cli_resume_of_a_live_model_run_is_bit_identical_and_harvests_no_window_twice(tmp_path, tiny_lm, monkeypatch):
+    """Two sites from one live stream, interrupted at step 13 (after a periodic save at 10),
+    resumed: same weights as the uninterrupted run, and the model runs only on new windows."""
+    import sae
+    from sae.app.cli import main
+    from sae.app.resume import STREAM_STATE
+
+    model_dir = tmp_path / "tiny"
+    tiny_lm.model.save_pretrained(model_dir)
+    tiny_lm.tokenizer.save_pretrained(model_dir)
+    docs = tmp_path / "docs.txt"
+    docs.write_text("\n\n".join(activations.default_texts(limit=30)))  # a few passes over these in the run
+    sites = ["blocks.1.hook_resid_post", "blocks.2.hook_mlp_out"]
+    args = ["train", "--model", str(model_dir), "--sites", *sites, "--texts", str(docs), "--n-tokens", "3000",
+            "--batch-size", "128", "--context-len", "32", "--expansion-factor", "2", "--k", "4", "--no-wandb",
+            "--log-every", "5", "--checkpoint-every", "10"]
+    harvested = _count_harvests(monkeypatch)
+    assert main([*args, "--out-dir", str(tmp_path / "full")]) == 0
+    full_windows = sum(harvested)
+    harvested.clear()
+
+    original = sae.Trainer.train_step
+
+    def interrupt_at_13(self, x):
+        if self.step == 13:
+            raise KeyboardInterrupt
+        original(self, x)
+
+    monkeypatch.setattr(sae.Trainer, "train_step", interrupt_at_13)
+    assert main([*args, "--out-dir", str(tmp_path / "cut")]) == 130
+    monkeypatch.setattr(sae.Trainer, "train_step", original)
+    cut_windows = sum(harvested)
+    assert StreamPosition.load(tmp_path / "cut" / STREAM_STATE).batches_sent == 13
+    assert main(["train", "--resume", str(tmp_path / "cut"), "--no-wandb"]) == 0
+    assert sum(harvested) - cut_windows > 0 and sum(harvested) == full_windows, "the resume re-ran harvested windows"
+    for site in sites:
+        full, resumed = sae.load(tmp_path / "full" / site), sae.load(tmp_path / "cut" / site)
+        for name, tensor in full.state_dict().items():
+            assert torch.equal(resumed.state_dict()[name], tensor), (site, name)
+
+
+def test_cli_resume_from_a_cache_is_bit_identical_and_reads_only_rows_still_due(small_cache, tmp_path, monkeypatch):
+    import sae
+    from sae.app.cli import main
+
+    args = ["train", "--activations", str(small_cache.path), "--n-tokens", "1600", "--batch-size", "64", "--k", "4",
+            "--expansion-factor", "2", "--no-wandb", "--log-every", "5"]
+    assert main([*args, "--out-dir", str(tmp_path / "full")]) == 0
+    original = sae.Trainer.train_step
+
+    def interrupt_at_17(self, x):  # in the second epoch (14 batches of 64 per epoch)
+        if self.step == 17:
+            raise KeyboardInterrupt
+        original(self, x)
+
+    monkeypatch.setattr(sae.Trainer, "train_step", interrupt_at_17)
+    assert main([*args, "--out-dir", str(tmp_path / "cut")]) == 130
+    monkeypatch.setattr(sae.Trainer, "train_step", original)
+    rows_read = []
+    read_rows, read_shard = type(small_cache).read_rows, type(small_cache).read_shard
+    monkeypatch.setattr(type(small_cache), "read_rows", lambda self, rows, sites=None: rows_read.append(len(rows)) or read_rows(self, rows, sites))
+    monkeypatch.setattr(type(small_cache), "read_shard", lambda self, i, sites=None: rows_read.append(self.manifest["shards"][i]["n_tokens"]) or read_shard(self, i, sites))
+    assert main(["train", "--resume", str(tmp_path / "cut"), "--no-wandb"]) == 0
+    # Nothing of the first epoch, nor of the 3 batches of the second already trained on: its other rows only.
+    assert sum(rows_read) == 900 - (17 - 14) * 64
+    for site in small_cache.sites:
+        full, resumed = sae.load(tmp_path / "full" / site), sae.load(tmp_path / "cut" / site)
+        for name, tensor in full.state_dict().items():
+            assert torch.equal(resumed.state_dict()[name], tensor), (site, name)

@@ -199,7 +199,11 @@ def _train_locked(
             else:
                 cfg = replace(train_cfg, steps=train_cfg.steps or steps)
                 trainers[site] = Trainer(model, cfg, logger=logger, name=site, evaluator=evaluator)
-        fit_many(trainers, source.batches)
+        batches, first_batch = source.batches, 0
+        if resume and source.continue_at is not None:  # skip what the checkpoints saw without recomputing it
+            batches, first_batch = source.continue_at(out_dir, next(iter(trainers.values())).step)
+        on_saved = None if source.save_position is None else lambda step: source.save_position(out_dir, step)
+        fit_many(trainers, batches, first_batch=first_batch, on_saved=on_saved)
     finally:
         logger.finish()
     if resume:
