@@ -188,6 +188,6 @@ def stream(
             if n:
                 position.yielded(sent, batch)
                 yield batch
-                position.at_batch = False
+                position.whole = False
             if n_tokens is not None and sent >= n_tokens:
                 return

@@ -80,7 +80,15 @@ def test_an_interrupt_while_the_model_runs_leaves_a_position_that_resumes_exactl
     assert _same(got + rest, full)
 
     # Stopped while the buffer changes, the position is partial: saving it is refused, not done wrong.
-    monkeypatch.setattr(activations.ShuffleBuffer, "_swap_out", lambda self, rows: (_ for _ in ()).throw(KeyboardInterrupt))
+    swap_out, swaps = activations.ShuffleBuffer._swap_out, []
+
+    def interrupted_swap(self, rows):  # the 3rd batch taken from the buffer, right after the 2nd was yielded
+        swaps.append(1)
+        if len(swaps) == 3:
+            raise KeyboardInterrupt
+        return swap_out(self, rows)
+
+    monkeypatch.setattr(activations.ShuffleBuffer, "_swap_out", interrupted_swap)
     position = StreamPosition()
     with pytest.raises(KeyboardInterrupt):
         list(activations.stream(tiny_lm, site, position=position, **kwargs))
