@@ -138,7 +138,9 @@ class StreamPosition:
             info = json.loads((found / STATE_JSON).read_text())
             tensors = load_file(str(found / BUFFER_TENSORS))
         except (json.JSONDecodeError, SafetensorError, OSError) as err:
-            raise ValueError(f"the stream position in {found} is corrupt ({err}); resume without it") from err
+            raise ValueError(
+                f"the stream position in {found} is corrupt ({err}); delete that folder to resume by replaying the stream"
+            ) from err
         if info.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"{found / STATE_JSON} has format_version {info.get('format_version')}; this reads {FORMAT_VERSION}")
         position = cls()
