@@ -31,6 +31,7 @@ from .package_docs import package_descriptions
 from .selfgen import Sampling, generate_corpus, read_manifest
 from .sequential import chat_token_mask, pad_samples, sample_batches
 from .sites import check_site_name, decoder_layers, parse_site, valid_sites
+from .position import StreamPosition
 from .stream import stream
 from .text import (
     HELDOUT_FRACTION,
@@ -53,6 +54,7 @@ __all__ = [
     "SELFGEN_CORPUS",
     "Sampling",
     "ShuffleBuffer",
+    "StreamPosition",
     "cache_dir",
     "chat_token_ids",
     "chat_token_mask",

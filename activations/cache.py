@@ -13,6 +13,7 @@ no model forward. Truncated or altered shards are detected (size, then sha256).
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 from collections.abc import Iterator
@@ -28,6 +29,7 @@ import atomicfs
 
 from .buffer import Batch, ShuffleBuffer
 from .model import LanguageModel
+from .skip import restore_rows, skip_batches
 from .stream import TextSource, stream
 from .text import HELDOUT_FRACTION, Split
 
@@ -241,6 +243,25 @@ class CachedActivations:
         with safe_open(str(file), framework="pt") as f:
             return {s: f.get_tensor(s).float() for s in self._sites(sites)}
 
+    def read_rows(self, rows: Tensor, sites: str | list[str] | None = None) -> Batch:
+        """Rows by number (counting through the shards in manifest order), {site: [len(rows), d]
+        float32} in the order given; reads those rows only (one slice per run of neighbours)."""
+        names = self._sites(sites)
+        sizes = torch.tensor([s["n_tokens"] for s in self.manifest["shards"]])
+        starts = torch.cumsum(sizes, 0) - sizes
+        out = {s: torch.empty(len(rows), self.d) for s in names}
+        shard_of = torch.bucketize(rows, starts, right=True) - 1
+        for index in shard_of.unique().tolist():
+            where = (shard_of == index).nonzero().squeeze(1)
+            local, order = (rows[where] - starts[index]).sort()
+            breaks = ((local[1:] != local[:-1] + 1).nonzero().squeeze(1) + 1).tolist()
+            runs = list(zip([0, *breaks], [*breaks, len(local)]))
+            with safe_open(str(self._check(self.manifest["shards"][index])), framework="pt") as f:
+                for s in names:
+                    part = f.get_slice(s)
+                    out[s][where[order]] = torch.cat([part[int(local[a]) : int(local[b - 1]) + 1] for a, b in runs]).float()
+        return out
+
     def batch_dicts(
         self,
         batch_size: int,
@@ -250,19 +271,33 @@ class CachedActivations:
         buffer_tokens: int | None = None,
         drop_last: bool = False,
         device: str | torch.device = "cpu",
+        start_batch: int = 0,
     ) -> Iterator[Batch]:
         """Shuffled batches {site: [batch_size, d] float32}; every token once per epoch.
 
         Shards are visited in a random order and mixed through a shuffle buffer of
-        `buffer_tokens` rows (default: two shards' worth, at least 4 batches).
+        `buffer_tokens` rows (default: two shards' worth, at least 4 batches). `start_batch`
+        continues at that batch of the same sequence, reading no row of the batches before it
+        (the shuffle is replayed on row numbers; only the rows then in the buffer are read).
         """
         names = self._sites(sites)
-        largest = max(s["n_tokens"] for s in self.manifest["shards"])
-        capacity = buffer_tokens or max(2 * largest, 4 * batch_size)
-        for epoch in range(epochs):
+        shards = self.manifest["shards"]
+        capacity = buffer_tokens or max(2 * max(s["n_tokens"] for s in shards), 4 * batch_size)
+        per_epoch = self.n_tokens // batch_size if drop_last else -(-self.n_tokens // batch_size)
+        first_epoch, skip = divmod(start_batch, per_epoch) if per_epoch else (0, 0)
+        for epoch in range(first_epoch, epochs):
             gen = torch.Generator().manual_seed(seed + epoch)
             buffer = ShuffleBuffer(capacity, batch_size, seed=seed + epoch)
-            for index in torch.randperm(len(self.manifest["shards"]), generator=gen).tolist():
+            order = torch.randperm(len(shards), generator=gen).tolist()
+            pushed = 0
+            if epoch == first_epoch and skip:
+                bounds = list(itertools.accumulate((s["n_tokens"] for s in shards), initial=0))
+                chunks = [torch.arange(bounds[i], bounds[i + 1]) for i in order]
+                numbers, pushed = skip_batches(capacity, batch_size, seed + epoch, chunks, skip, drop_last)
+                restore_rows(numbers, lambda rows: self.read_rows(rows, names), buffer)
+            for batch in buffer.ready():  # batches the restored buffer already holds
+                yield {k: v.to(device) for k, v in batch.items()}
+            for index in order[pushed:]:
                 for batch in buffer.push(self.read_shard(index, names)):
                     yield {k: v.to(device) for k, v in batch.items()}
             for batch in buffer.drain(drop_last):

@@ -15,6 +15,7 @@ from .buffer import Batch, ShuffleBuffer
 from .hooks import harvest, token_mask
 from .model import LanguageModel
 from .sequential import sample_rows
+from .position import StreamPosition, WindowCursor, text_digest
 from .sites import parse_sites
 from .text import HELDOUT_FRACTION, Split, check_split, default_texts, iter_token_windows, select_split
 
@@ -29,9 +30,25 @@ def _windows(
     repeat: bool,
     split: Split = "train",
     heldout_fraction: float = HELDOUT_FRACTION,
+    cursor: WindowCursor | None = None,
 ) -> Iterator[Tensor]:
     """Token windows from the documents of `split`, reshuffling document order each pass when
-    the source can repeat. A tensor of token windows is used as given (it has no documents)."""
+    the source can repeat. A tensor of token windows is used as given (it has no documents).
+    `cursor` is kept at the pass and the windows yielded in it; it starts where it points
+    (the windows before are tokenised again, never run through the model)."""
+    position = cursor if cursor is not None else WindowCursor()
+    start_pass, skip = position.pass_index, position.windows_in_pass
+
+    def passes() -> Iterator[tuple[int, int]]:  # (pass, windows to skip in it), keeping `position` at it
+        for p in itertools.count(start_pass) if repeat else range(start_pass, 1):
+            position.pass_index, position.windows_in_pass = p, skip if p == start_pass else 0
+            yield p, position.windows_in_pass
+
+    def counted(windows: Iterator[Tensor]) -> Iterator[Tensor]:
+        for window in windows:
+            position.windows_in_pass += 1
+            yield window
+
     if isinstance(texts, str):
         raise TypeError("texts must be a list of documents, not one string: wrap it as [text]")
     if isinstance(texts, Tensor):
@@ -39,12 +56,13 @@ def _windows(
             raise ValueError(f"a tensor text source must be token windows [n, context_len], got {tuple(texts.shape)}")
         if len(texts) == 0:
             raise ValueError("the token-window tensor is empty")
-        for p in itertools.count() if repeat else range(1):
+        for p, skipped in passes():
             order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(seed + p))
-            yield from texts[order]
+            yield from counted(iter(texts[order[skipped:]]))
         return
     if not isinstance(texts, Sequence):  # one-shot iterable: a single pass in its own order
-        yield from iter_token_windows(lm.tokenizer, select_split(texts, split, heldout_fraction), context_len)
+        windows = iter_token_windows(lm.tokenizer, select_split(texts, split, heldout_fraction), context_len)
+        yield from counted(itertools.islice(windows, skip, None))
         return
     selected = list(select_split(texts, split, heldout_fraction))
     if not selected:
@@ -52,14 +70,16 @@ def _windows(
             f"none of the {len(texts)} documents falls in the {split!r} split (held-out fraction "
             f"{heldout_fraction}); pass more documents or split='all' to use them all"
         )
-    for p in itertools.count() if repeat else range(1):
-        if p == 1:
+    for p, skipped in passes():
+        if p == 1 and not skipped:
             warnings.warn("stream: the text source is exhausted; starting another pass over it", stacklevel=3)
         docs = list(selected)
         random.Random(seed + p).shuffle(docs)
         n = 0
         for n, window in enumerate(iter_token_windows(lm.tokenizer, docs, context_len), 1):
-            yield window
+            if n > skipped:
+                position.windows_in_pass += 1
+                yield window
         if n == 0:
             raise ValueError(f"the texts ({len(docs)} documents) hold fewer than {context_len} tokens: no window")
 
@@ -98,6 +118,7 @@ def stream(
     fill_progress: bool | None = None,
     chat: bool = False,
     sequential: bool = False,
+    position: StreamPosition | None = None,
 ) -> Iterator[dict[str, Tensor]]:
     """Shuffled activation batches: dict site -> [batch_size, d] float32 on the model's device.
 
@@ -109,11 +130,14 @@ def stream(
     `drop_special=False`. `buffer_tokens` bounds the shuffle buffer (default 16 x batch_size,
     at most a quarter of `n_tokens` but at least one batch); tokens mix across all windows it
     holds. The first batch comes once the buffer is full: `fill_progress` (default: `progress`)
-    shows a bar while it fills.
+    shows a bar while it fills. `position` (see `StreamPosition`) is kept current at every
+    batch yielded; one saved from a stream with the same arguments makes this stream continue
+    right after that batch, without running the model on the windows already harvested.
 
     `chat`: `texts` are conversations (lists of {role, content} messages; None: the built-in
     chat set) under the model's chat template. `sequential` (FAST): whole samples in order, one
     per sequence, cut at `context_len`, never packed together (see activations.sequential).
+    A position covers text windows only: chat and sequential streams resume by replay.
     """
     names = [s.name for s in parse_sites(lm, sites)]
     if n_tokens is not None and n_tokens <= 0:
@@ -123,40 +147,66 @@ def stream(
     buffer = ShuffleBuffer(capacity, batch_size, seed=seed)
     if n_tokens is not None:  # a short run needs no more windows per forward than it uses
         lm_batch_size = min(lm_batch_size, max(1, -(-n_tokens // (context_len - 1))))
-    if chat or sequential:
+    samples = chat or sequential
+    if samples and position is not None:
+        raise ValueError("a stream position covers text windows, not chat or sequential samples (they resume by replay)")
+    if not samples:
+        texts = default_texts() if texts is None else texts
+    position = position if position is not None else StreamPosition()
+    text_key = "chat samples" if samples else text_digest(texts if isinstance(texts, Sequence | Tensor) else None)
+    settings = {
+        "model": lm.name, "sites": names, "texts": text_key,
+        "context_len": context_len, "batch_size": batch_size, "n_tokens": n_tokens, "seed": seed,
+        "lm_batch_size": lm_batch_size, "capacity": capacity, "drop_special": drop_special, "drop_last": drop_last,
+        "split": split, "heldout_fraction": heldout_fraction,
+    }
+    position.attach(buffer, settings, lm.device)
+    cursor = WindowCursor(position.windows.pass_index, position.windows.windows_in_pass)
+    if samples:
         rows = sample_rows(
             lm, texts, names, context_len, lm_batch_size, n_tokens is not None, chat, sequential, split,
             heldout_fraction, drop_special,
         )
     else:
-        texts = default_texts() if texts is None else texts
-        windows = _windows(lm, texts, context_len, seed, n_tokens is not None, split, heldout_fraction)
+        windows = _windows(lm, texts, context_len, seed, n_tokens is not None, split, heldout_fraction, cursor)
         rows = _harvested_rows(lm, windows, names, lm_batch_size, drop_special)
-    sent = 0
+    sent = position.tokens_sent
     fill_progress = progress if fill_progress is None else fill_progress
     with (
-        tqdm(total=n_tokens, unit="tok", desc="activations", disable=not progress) as bar,
-        tqdm(total=capacity, unit="tok", desc="filling shuffle buffer", disable=not fill_progress, leave=False) as fill,
+        tqdm(total=n_tokens, initial=sent, unit="tok", desc="activations", disable=not progress) as bar,
+        tqdm(total=capacity, unit="tok", desc="filling shuffle buffer", disable=not fill_progress or sent > 0,
+             leave=False) as fill,
     ):
 
         def pushed() -> Iterator[Batch]:
             filled = False
-            for r in rows:
-                yield from buffer.push(r)
+            yield from buffer.ready()  # batches a restored buffer already holds
+            while True:
+                position.whole = True  # running the model changes no state: an interrupt keeps `position` valid
+                r = next(rows, None)
+                if r is None:
+                    break
+                position.whole = False
+                buffer.add(r)
+                position.windows = WindowCursor(cursor.pass_index, cursor.windows_in_pass)
                 if not filled:
                     filled = len(buffer) >= capacity
                     fill.update(min(len(buffer), capacity) - fill.n)
                     if filled:
                         fill.close()
+                yield from buffer.ready()
+            position.whole = False
             yield from buffer.drain(drop_last)
 
-        for batch in pushed():
+        for batch in itertools.chain(position.take_held(), pushed()):
             if n_tokens is not None and sent + len(next(iter(batch.values()))) > n_tokens:
                 batch = {k: v[: n_tokens - sent] for k, v in batch.items()}
             n = len(next(iter(batch.values())))
-            if n:
-                yield batch
             sent += n
             bar.update(n)
+            if n:
+                position.yielded(sent, batch)
+                yield batch
+                position.whole = False
             if n_tokens is not None and sent >= n_tokens:
                 return

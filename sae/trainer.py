@@ -222,11 +222,17 @@ def fit_many(
     batches: Iterable[dict[str, Tensor]],
     total_steps: int | None = None,
     progress: bool = True,
+    first_batch: int = 0,
+    on_saved: Callable[[int], object] | None = None,
 ) -> dict[str, Trainer]:
     """Train several SAEs (one per activation site) from one stream of {name: batch} dicts.
 
     Batches the trainers have already consumed (after `Trainer.resume`) are skipped, so feeding the
-    same deterministic stream again continues exactly where the checkpoint left off. Ctrl-C or
+    same deterministic stream again continues exactly where the checkpoint left off. A stream that
+    starts later (resume without replay) says which batch of the sequence it starts at with
+    `first_batch`; only the batches between that and the trainers' step are then skipped.
+    `on_saved(step)` runs after every save of the checkpoints (e.g. to save the stream's position
+    beside them). Ctrl-C or
     SIGTERM saves a checkpoint for every trainer that has an out_dir, then raises
     KeyboardInterrupt; a signal arriving inside a step takes effect when the step ends.
     """
@@ -238,7 +244,10 @@ def fit_many(
         t.total_steps = t.total_steps or total_steps
     _check_same_schedule(trainers)
     limit = first.total_steps
-    stream: Iterator[dict[str, Tensor]] = itertools.islice(iter(batches), done, limit)
+    if first_batch > done:
+        raise ValueError(f"the batches start at batch {first_batch}, after the trainers' step {done}: a step would be lost")
+    stop = None if limit is None else max(0, limit - first_batch)
+    stream: Iterator[dict[str, Tensor]] = itertools.islice(iter(batches), done - first_batch, stop)
     bar = tqdm(total=limit, initial=done, disable=not progress, unit="step", dynamic_ncols=True)
     started, tokens_at_start = time.perf_counter(), first.tokens
     signals = DeferredInterrupts()
@@ -259,17 +268,17 @@ def fit_many(
                     _evaluate(trainers)
                 every = first.cfg.checkpoint_every
                 if every and first.step % every == 0:
-                    _save_all(trainers)
+                    _save_all(trainers, on_saved)
             bar.close()
             if first.window_steps:
                 _log(trainers, (first.tokens - tokens_at_start) / max(1e-9, time.perf_counter() - started))
             _evaluate(trainers)
-            _save_all(trainers)
+            _save_all(trainers, on_saved)
     except KeyboardInterrupt:
         if any(t.mid_step for t in trainers.values()) or len({t.step for t in trainers.values()}) > 1:
             tqdm.write("interrupted inside a step: not saving it; the last checkpoint stays")
         else:
-            saved = _save_all(trainers)
+            saved = _save_all(trainers, on_saved)
             if saved:
                 tqdm.write(f"interrupted: checkpoints saved to {', '.join(map(str, saved))}")
         raise
@@ -354,8 +363,11 @@ def _evaluate(trainers: dict[str, Trainer]) -> None:
         first.logger.log(metrics, step=first.step)
 
 
-def _save_all(trainers: dict[str, Trainer]) -> list[Path]:
-    return [t.save_checkpoint() for t in trainers.values() if t.cfg.out_dir is not None]
+def _save_all(trainers: dict[str, Trainer], on_saved: Callable[[int], object] | None = None) -> list[Path]:
+    saved = [t.save_checkpoint() for t in trainers.values() if t.cfg.out_dir is not None]
+    if saved and on_saved is not None:
+        on_saved(next(iter(trainers.values())).step)
+    return saved
 
 
 def _length(batches: Iterable) -> int | None:

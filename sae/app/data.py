@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 import activations
+from sae.app.resume import LiveStreamResume
 
 Batch = dict[str, Tensor]
 
@@ -36,6 +37,11 @@ class DataSource:
     """For an SAE shared by a layer group (see sae.app.layer_groups): its name -> the sites it reads."""
     chat: bool = False
     """`texts` are conversations under the chat template (None: the built-in chat set)."""
+    continue_at: Callable[[Path, int], tuple[Iterator[Batch], int]] | None = None
+    """Resume without replay: `continue_at(run_dir, step)` gives the batches from the trainers'
+    `step` on (or from an earlier saved position) and the batch they start at; None: replay."""
+    save_position: Callable[[Path, int], None] | None = None
+    """Called after the checkpoints of a step are in the run folder: saves what `continue_at` needs."""
 
 
 def resolve_device(device: str) -> str:
@@ -59,9 +65,10 @@ def read_activation_file(path: Path) -> dict[str, Tensor]:
 
 
 def tensor_file_batches(
-    tensors: dict[str, Tensor], path: Path, batch_size: int, n_tokens: int, seed: int
+    tensors: dict[str, Tensor], path: Path, batch_size: int, n_tokens: int, seed: int, start_batch: int = 0
 ) -> Iterator[Batch]:
-    """Batches from [N, d] activation tensors (one per site), reshuffled each epoch."""
+    """Batches from [N, d] activation tensors (one per site), reshuffled each epoch; `start_batch`
+    continues at that batch of the sequence (earlier epochs' orders are drawn, no row is read)."""
     if not tensors:
         raise ValueError(f"{path} holds no tensors")
     lengths = {t.shape[0] for t in tensors.values()}
@@ -72,14 +79,18 @@ def tensor_file_batches(
     if n_rows < batch_size:
         raise ValueError(f"{path} holds {n_rows} activations, fewer than one batch of {batch_size}; lower --batch-size")
     generator = torch.Generator().manual_seed(seed)
-    served = 0
+    skipped_epochs, skip = divmod(start_batch, n_rows // batch_size)
+    for _ in range(skipped_epochs):
+        torch.randperm(n_rows, generator=generator)
+    served = start_batch * batch_size
     while served < n_tokens:
         order = torch.randperm(n_rows, generator=generator)
-        for start in range(0, n_rows - batch_size + 1, batch_size):
+        for start in range(skip * batch_size, n_rows - batch_size + 1, batch_size):
             yield {name: t[order[start : start + batch_size]].float() for name, t in tensors.items()}
             served += batch_size
             if served >= n_tokens:
                 return
+        skip = 0
 
 
 def pick_tensors(tensors: dict[str, Tensor], sites: list[str] | None, path: Path) -> dict[str, Tensor]:
@@ -125,15 +136,24 @@ def from_activations(
         per_epoch = cache.n_tokens // batch_size * batch_size  # full batches only
         if per_epoch == 0:
             raise ValueError(f"{location} holds {cache.n_tokens} tokens, fewer than one batch of {batch_size}; lower --batch-size")
-        epochs = -(-n_tokens // per_epoch)
-        stream = cache.batch_dicts(batch_size, sites=sites, seed=seed, epochs=epochs, drop_last=True)
-        batches = itertools.islice(stream, -(-n_tokens // batch_size))
-        return DataSource({s: cache.d for s in sites}, batches, {"model": cache.model, "activations": str(location)})
+        epochs, total = -(-n_tokens // per_epoch), -(-n_tokens // batch_size)
+
+        def cache_batches(start: int) -> Iterator[Batch]:
+            stream = cache.batch_dicts(batch_size, sites=sites, seed=seed, epochs=epochs, drop_last=True, start_batch=start)
+            return itertools.islice(stream, max(0, total - start))
+
+        return DataSource(
+            {s: cache.d for s in sites}, cache_batches(0), {"model": cache.model, "activations": str(location)},
+            continue_at=lambda run_dir, step: (cache_batches(step), step),
+        )
     tensors = pick_tensors(read_activation_file(location), sites, location)
     batches = tensor_file_batches(tensors, location, batch_size, n_tokens, seed)
     first = next(batches)
     provenance = {"activations": str(location), **({"model": model} if model else {})}
-    return DataSource({s: t.shape[1] for s, t in first.items()}, itertools.chain([first], batches), provenance)
+    return DataSource(
+        {s: t.shape[1] for s, t in first.items()}, itertools.chain([first], batches), provenance,
+        continue_at=lambda run_dir, step: (tensor_file_batches(tensors, location, batch_size, n_tokens, seed, step), step),
+    )
 
 
 def from_model(
@@ -157,17 +177,26 @@ def from_model(
     else:
         docs, source, mix = text_source(lm, texts, context_len, n_tokens, seed)
     # The trainer shows its own bar; the stream shows only the shuffle buffer filling.
-    stream = activations.stream(
-        lm, sites, texts=source, context_len=context_len, batch_size=batch_size, n_tokens=n_tokens, seed=seed,
-        progress=False, fill_progress=True, split="train", chat=chat, sequential=sequential,
-    )
+    if chat or sequential:  # resumed by replay: a saved stream position covers text windows only
+        stream = activations.stream(
+            lm, sites, texts=source, context_len=context_len, batch_size=batch_size, n_tokens=n_tokens, seed=seed,
+            progress=False, fill_progress=True, split="train", chat=chat, sequential=sequential,
+        )
+        resume = {}
+    else:
+        live = LiveStreamResume(lambda position: activations.stream(
+            lm, sites, texts=source, context_len=context_len, batch_size=batch_size, n_tokens=n_tokens, seed=seed,
+            progress=False, fill_progress=True, split="train", position=position,
+        ))
+        stream = live.batches
+        resume = {"continue_at": live.continue_at, "save_position": live.save}
     provenance = {"model": lm.name, "text_split": "train", "heldout_fraction": str(activations.HELDOUT_FRACTION)}
     for flag, on in (("chat", chat), ("sequential", sequential)):
         if on:
             provenance[flag] = "true"
     if mix:
         provenance["text_mix"] = ",".join(f"{name}:{weight:g}" for name, weight in mix.items())
-    return DataSource({s: lm.d_model for s in sites}, stream, provenance, lm, docs, chat=chat)
+    return DataSource({s: lm.d_model for s in sites}, stream, provenance, lm, docs, chat=chat, **resume)
 
 
 def text_source(

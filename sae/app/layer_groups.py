@@ -3,6 +3,7 @@ rows of every member layer harvested in the same forward pass (`sae train --laye
 --layer-groups auto:8`). The grouping itself (similarity, contiguous clustering) is analysis's."""
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -99,15 +100,20 @@ def group_name(members: list[str]) -> str:
     return f"blocks.{first.group(1)}-{last.group(1)}.{first.group(2)}"
 
 
-def choose_groups(first_batch: Batch, spec: str) -> Grouping:
+def choose_groups(first_batch: Batch | dict[str, int], spec: str) -> Grouping:
     """Groups for the sites of `first_batch` (one [N, d] tensor per site, the same tokens): auto:G
-    clusters the layers by the angular similarity of these activations; explicit groups are checked."""
+    clusters the layers by the angular similarity of these activations; explicit groups are checked.
+    Explicit groups need no activations: given only the sites (e.g. the source's widths), the record
+    has no similarity."""
     by_layer = _layers_by_site(list(first_batch))
     sites = sorted(by_layer, key=by_layer.get)
     layers = [by_layer[s] for s in sites]
-    similarity = analysis.angular_similarity({s: first_batch[s] for s in sites})
+    has_rows = all(isinstance(first_batch[s], torch.Tensor) for s in sites)
+    similarity = analysis.angular_similarity({s: first_batch[s] for s in sites}) if has_rows else None
     wanted = parse_spec(spec)
     if isinstance(wanted, int):
+        if similarity is None:
+            raise ValueError(f"--layer-groups {spec} chooses groups from activations; none were given")
         if wanted > len(sites):
             raise ValueError(f"--layer-groups {spec}: {wanted} groups of {len(sites)} layers; use at most auto:{len(sites)}")
         index_groups = analysis.group_layers(similarity, wanted)
@@ -124,17 +130,24 @@ def choose_groups(first_batch: Batch, spec: str) -> Grouping:
     consecutive = all(g == list(range(g[0], g[-1] + 1)) for g in layer_groups)
     explicit = ",".join(f"{g[0]}-{g[-1]}" for g in layer_groups) if consecutive else spec
     record = {
-        "spec": spec, "sites": sites, "groups": groups, "similarity": similarity.tolist(),
-        "amad": analysis.amad(similarity, index_groups), "similarity_tokens": int(first_batch[sites[0]].shape[0]),
+        "spec": spec, "sites": sites, "groups": groups,
     }
+    if similarity is not None:
+        record.update(
+            similarity=similarity.tolist(), amad=analysis.amad(similarity, index_groups),
+            similarity_tokens=int(first_batch[sites[0]].shape[0]),
+        )
     return Grouping(groups, explicit, record)
 
 
-def group_batches(batches: Iterator[Batch], groups: dict[str, list[str]], rows: str, seed: int) -> Iterator[Batch]:
+def group_batches(
+    batches: Iterator[Batch], groups: dict[str, list[str]], rows: str, seed: int, start: int = 0
+) -> Iterator[Batch]:
     """{site: [B, d]} batches -> {group: rows}: all = every member's B rows ([k*B, d]); one = for
-    each token the row of one member drawn at random ([B, d])."""
-    generator = torch.Generator().manual_seed(seed)
-    for batch in batches:
+    each token the row of one member drawn at random ([B, d]). The draws of batch i depend only on
+    (seed, i), so a stream continued at batch `start` groups exactly as an uninterrupted one."""
+    for index, batch in enumerate(batches, start):
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + index)
         out = {}
         for name, members in groups.items():
             if rows == "all" or len(members) == 1:
@@ -148,14 +161,22 @@ def group_batches(batches: Iterator[Batch], groups: dict[str, list[str]], rows: 
 
 
 def share_by_group(source: DataSource, spec: str, rows: str, seed: int) -> tuple[DataSource, Grouping]:
-    """The source with one stream entry per layer group instead of per site."""
-    first = next(source.batches)
-    grouping = choose_groups(first, spec)
-
-    def chained() -> Iterator[Batch]:
-        yield first
-        yield from source.batches
-
+    """The source with one stream entry per layer group instead of per site. auto:G chooses the
+    groups on the stream's first batch (which still trains); explicit groups (a resume's) need none,
+    so a resume continues the stream without harvesting a batch only to choose groups."""
+    if isinstance(parse_spec(spec), int):
+        first = next(source.batches)
+        grouping = choose_groups(first, spec)
+        batches = itertools.chain([first], source.batches)
+    else:
+        grouping = choose_groups(source.widths, spec)
+        batches = source.batches
     widths = {name: source.widths[members[0]] for name, members in grouping.groups.items()}
-    grouped = group_batches(chained(), grouping.groups, rows, seed)
-    return replace(source, widths=widths, batches=grouped, members=grouping.groups), grouping
+    continue_at = None
+    if source.continue_at is not None:
+        def continue_at(run_dir, step):
+            continued, start = source.continue_at(run_dir, step)
+            return group_batches(continued, grouping.groups, rows, seed, start), start
+
+    grouped = group_batches(batches, grouping.groups, rows, seed)
+    return replace(source, widths=widths, batches=grouped, members=grouping.groups, continue_at=continue_at), grouping

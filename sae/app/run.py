@@ -1,6 +1,7 @@
 """The train driver: one SAE per activation site, from a live model or saved activations."""
 from __future__ import annotations
 
+import json
 import math
 import secrets
 import shutil
@@ -221,6 +222,8 @@ def _train_locked(
         "sae": sae_cfg, "train": asdict(train_cfg), "data": asdict(data), "run": asdict(run), "source": source.provenance,
         **({"layer_groups": grouping.record} if grouping else {}),
     }
+    if resume and grouping:  # keep the similarity the groups were chosen on (a resume reuses the groups as given)
+        config["layer_groups"] = json.loads((out_dir / RUN_CONFIG).read_text()).get("layer_groups", grouping.record)
     if not resume:  # a resume rewrites it only once it succeeds, so a failed one changes nothing
         atomicfs.write_json(out_dir / RUN_CONFIG, config)
     for site in models:
@@ -249,7 +252,11 @@ def _train_locked(
             else:
                 cfg = replace(train_cfg, steps=train_cfg.steps or steps)
                 trainers[site] = Trainer(model, cfg, logger=logger, name=site, evaluator=evaluator)
-        fit_many(trainers, source.batches)
+        batches, first_batch = source.batches, 0
+        if resume and source.continue_at is not None:  # skip what the checkpoints saw without recomputing it
+            batches, first_batch = source.continue_at(out_dir, next(iter(trainers.values())).step)
+        on_saved = None if source.save_position is None else lambda step: source.save_position(out_dir, step)
+        fit_many(trainers, batches, first_batch=first_batch, on_saved=on_saved)
     finally:
         logger.finish()
     if resume:
