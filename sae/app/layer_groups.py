@@ -160,11 +160,13 @@ def group_batches(
         yield out
 
 
-def share_by_group(source: DataSource, spec: str, rows: str, seed: int) -> tuple[DataSource, Grouping]:
-    """The source with one stream entry per layer group instead of per site. auto:G chooses the
-    groups on the stream's first batch (which still trains); explicit groups (a resume's) need none,
-    so a resume continues the stream without harvesting a batch only to choose groups."""
-    if isinstance(parse_spec(spec), int):
+def share_by_group(
+    source: DataSource, spec: str, rows: str, seed: int, resume: bool = False
+) -> tuple[DataSource, Grouping]:
+    """The source with one stream entry per layer group instead of per site. The groups are chosen
+    (auto:G) or checked on the stream's first batch, which still trains; a resume's groups are
+    explicit and need no batch, so it continues the stream without harvesting one to choose them."""
+    if not resume:
         first = next(source.batches)
         grouping = choose_groups(first, spec)
         batches = itertools.chain([first], source.batches)
@@ -172,11 +174,13 @@ def share_by_group(source: DataSource, spec: str, rows: str, seed: int) -> tuple
         grouping = choose_groups(source.widths, spec)
         batches = source.batches
     widths = {name: source.widths[members[0]] for name, members in grouping.groups.items()}
-    continue_at = None
-    if source.continue_at is not None:
-        def continue_at(run_dir, step):
-            continued, start = source.continue_at(run_dir, step)
-            return group_batches(continued, grouping.groups, rows, seed, start), start
+
+    def continue_at(run_dir, step):
+        continued, start = source.continue_at(run_dir, step)
+        return group_batches(continued, grouping.groups, rows, seed, start), start
 
     grouped = group_batches(batches, grouping.groups, rows, seed)
-    return replace(source, widths=widths, batches=grouped, members=grouping.groups, continue_at=continue_at), grouping
+    return replace(
+        source, widths=widths, batches=grouped, members=grouping.groups,
+        continue_at=None if source.continue_at is None else continue_at,
+    ), grouping

@@ -206,7 +206,9 @@ def _train_locked(
     source = open_source(data, train_cfg.seed)
     grouping = None
     if data.layer_groups:
-        source, grouping = layer_groups.share_by_group(source, data.layer_groups, data.layer_group_rows, train_cfg.seed)
+        source, grouping = layer_groups.share_by_group(
+            source, data.layer_groups, data.layer_group_rows, train_cfg.seed, resume
+        )
         data = replace(data, layer_groups=grouping.spec)  # the groups chosen: a resume reuses them
         print(f"layer groups ({grouping.record['spec']}): {', '.join(grouping.groups)}", flush=True)
     folders = site_folders(list(source.widths))
