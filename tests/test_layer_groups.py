@@ -132,7 +132,7 @@ def test_grouped_run_trains_one_sae_per_group_on_every_member(tmp_path, tiny_lm,
         "--batch-size", str(batch_size), "--context-len", "32", "--expansion-factor", "2", "--k", "4",
         "--no-wandb", "--out-dir", str(run), "--log-every", "4",
     ]) == 0
-    names = sorted(p.name for p in run.iterdir() if p.is_dir())
+    names = sorted(p.name for p in run.iterdir() if p.is_dir() and p.name != "stream_state")
     assert names == ["blocks.0-2.hook_resid_post", "blocks.3.hook_resid_post"]
     assert sorted(sorted(set(rows)) for rows in seen.values()) == [[batch_size], [3 * batch_size]]  # k rows per token
     assert all(len(rows) == 1024 // batch_size for rows in seen.values())
