@@ -96,9 +96,11 @@ def downstream_evaluator(lm, site: str, texts: list[str] | None = None, n_tokens
         return None
 
     def evaluate(model) -> dict[str, float]:
+        # Two windows per forward: each holds a [windows, context, vocab] logits tensor (SmolLM2's
+        # vocab is 49152), which at the default 8 windows made this the run's peak memory.
         report = analysis.evaluate(
             model, lm, site, texts=texts, n_tokens=n_tokens, split="heldout", absorption=False, probing=False,
-            contrastive=False, progress=False,
+            contrastive=False, progress=False, batch_size=2,
         )
         return {key: report[key] for key in ("ce_loss_score", "kl_score", "delta_ce")}
 
