@@ -72,8 +72,11 @@ def downstream_sums(
         with activations.patch_site(lm, site, fn):
             patched = _next_token_logprobs(activations.logits(lm, input_ids))
         sums[f"ce_{name}"] = float(-patched.gather(-1, targets)[..., 0][scored].sum())
-        kl = (clean.exp() * (clean - patched)).sum(-1)
+        # One window at a time: the [T, vocab] temporaries stay small (a whole batch's would be
+        # three more copies of the logits at once).
+        kl = torch.stack([(c.exp() * (c - q)).sum(-1) for c, q in zip(clean, patched)])
         sums[f"kl_{name}"] = float(kl[scored].sum())
+        del patched  # before the next forward allocates its own logits
     return sums
 
 

@@ -128,9 +128,11 @@ def downstream_evaluator(
     def evaluate(model) -> dict[str, float]:
         scores = {}
         for one in sites:
+            # Two windows per forward: each holds a [windows, context, vocab] logits tensor (SmolLM2's
+            # vocab is 49152), which at the default 8 windows made this the run's peak memory.
             report = analysis.evaluate(
                 model, lm, one, texts=texts, n_tokens=n_tokens, split="heldout", absorption=False, probing=False,
-                contrastive=False, progress=False, chat=chat,
+                contrastive=False, progress=False, chat=chat, batch_size=2,
             )
             scores[one] = {key: report[key] for key in keys}
         if len(sites) == 1:
