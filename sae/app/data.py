@@ -133,9 +133,10 @@ def from_activations(
 
 def from_model(
     model: str | None, sites: list[str] | None, texts: list[str] | None, context_len: int, batch_size: int,
-    n_tokens: int, seed: int, device: str,
+    n_tokens: int, seed: int, device: str, shard: tuple[int, int] = (0, 1),
 ) -> DataSource:
-    """Activations harvested from a live model over text, one forward pass for every site."""
+    """Activations harvested from a live model over text, one forward pass for every site.
+    `shard` (rank, world size): read only every world-th document from the rank-th on."""
     for site in sites or []:
         activations.check_site_name(site)  # before the model loads
     lm = activations.load_model(model, device=device)
@@ -143,9 +144,11 @@ def from_model(
     for site in sites:
         activations.parse_site(lm, site)
     docs = None if not texts else list(activations.read_text_files(texts))
+    rank, world = shard
+    own_docs = docs if world == 1 else (docs or activations.default_texts())[rank::world]
     # The trainer shows its own bar; the stream shows only the shuffle buffer filling.
     stream = activations.stream(
-        lm, sites, texts=docs, context_len=context_len, batch_size=batch_size, n_tokens=n_tokens, seed=seed,
+        lm, sites, texts=own_docs, context_len=context_len, batch_size=batch_size, n_tokens=n_tokens, seed=seed,
         progress=False, fill_progress=True, split="train",
     )
     provenance = {"model": lm.name, "text_split": "train", "heldout_fraction": str(activations.HELDOUT_FRACTION)}
