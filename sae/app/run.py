@@ -183,7 +183,7 @@ def _train_locked(
     else:
         source = parallel.open_source(data, train_cfg.seed, ranks, run.distribute_sites)
     folders = site_folders(list(source.widths))
-    device = resolve_device(data.device)
+    device = resolve_device(data.device) if ranks is None else ranks.device
     torch.manual_seed(train_cfg.seed)
     models = {}
     for site, d in source.widths.items():
