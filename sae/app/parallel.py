@@ -14,6 +14,8 @@ rank that trains it.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -21,6 +23,9 @@ import torch.distributed as dist
 from sae.app.data import Batch, DataSource, from_activations, from_model
 from sae.distributed import Distributed
 from sae.logging import RunLogger
+
+if TYPE_CHECKING:  # run.py imports this module
+    from sae.app.run import DataConfig, RunConfig
 
 
 def owned_sites(sites: list[str], ranks: Distributed | None, distribute_sites: bool) -> list[str]:
@@ -35,8 +40,8 @@ def owned_sites(sites: list[str], ranks: Distributed | None, distribute_sites: b
     return sites[ranks.rank :: ranks.world_size]
 
 
-def open_source(data, seed: int, ranks: Distributed, distribute_sites: bool) -> DataSource:
-    """This process's activation stream (`data` is the run's DataConfig)."""
+def open_source(data: DataConfig, seed: int, ranks: Distributed, distribute_sites: bool) -> DataSource:
+    """This process's activation stream."""
     if data.activations:
         source = from_activations(data.activations, data.sites, data.batch_size, data.n_tokens, seed, data.model)
         if not distribute_sites:
@@ -73,7 +78,9 @@ def gathered_on_owner(batches: Iterator[Batch], sites: list[str], ranks: Distrib
         yield mine
 
 
-def run_logger(out_dir, run, name: str, config: dict, ranks: Distributed | None, distribute_sites: bool) -> RunLogger | None:
+def run_logger(
+    out_dir: Path, run: RunConfig, name: str, config: dict, ranks: Distributed | None, distribute_sites: bool
+) -> RunLogger | None:
     """Rank 0 logs (W&B, metrics.jsonl, console); with distributed sites each other rank logs its
     own sites to metrics.rank<R>.jsonl; data-parallel ranks other than 0 log nothing (their
     metrics are rank 0's)."""
