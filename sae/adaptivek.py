@@ -7,6 +7,7 @@ from torch import Tensor, nn
 
 import kernels
 from sae.base import SAEOutput
+from sae.distributed import batch_mean
 from sae.config import SAEConfig
 from sae.registry import register
 from sae.topk_family import TopKFamilySAE
@@ -63,9 +64,10 @@ class AdaptiveKSAE(TopKFamilySAE):
         x_centered = self.centered(x)
         main, aux = self.topk_with_aux(x_centered, self.k_max, dead_mask)
         c = self.complexity(x_centered)
+        c_mean = batch_mean(c)
         with torch.no_grad():
-            self.complexity_mean.mul_(MOMENTUM).add_((1 - MOMENTUM) * c.mean())
-        k_i = self.cfg.k * c / c.mean().clamp_min(1e-8)
+            self.complexity_mean.mul_(MOMENTUM).add_((1 - MOMENTUM) * c_mean)
+        k_i = self.cfg.k * c / c_mean.clamp_min(1e-8)
         return self.sparse_output(x, main.values * self.gate(k_i), main.indices, aux)
 
     @torch.no_grad()

@@ -7,6 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from sae.config import SAEConfig
+from sae.distributed import batch_mean, batch_sum
 
 ENCODER_INIT_SCALE = 3**-0.5
 
@@ -27,9 +28,10 @@ class SAEOutput:
 
 
 def fvu(x: Tensor, x_hat: Tensor) -> Tensor:
-    """Fraction of variance unexplained, with the total variance summed over dimensions."""
-    total = (x - x.mean(dim=0)).pow(2).sum()
-    return (x - x_hat).pow(2).sum() / total.clamp_min(torch.finfo(x.dtype).tiny)
+    """Fraction of variance unexplained, with the total variance summed over dimensions (over the
+    global batch when it spans data-parallel ranks, see `sae.distributed`)."""
+    total = batch_sum((x - batch_mean(x)).pow(2).sum())
+    return batch_sum((x - x_hat).pow(2).sum()) / total.clamp_min(torch.finfo(x.dtype).tiny)
 
 
 def check_input(x: Tensor, d_in: int) -> None:
@@ -55,6 +57,9 @@ class BaseSAE(nn.Module):
 
     unit_norm_decoder: bool = True
     """Keep decoder rows at unit norm during training (the trainer enforces it)."""
+    data_parallel: bool = True
+    """Its loss reads the batch only through per-row terms and `sae.distributed`'s batch sums,
+    so data-parallel ranks holding slices of a batch train it exactly as one process would."""
 
     def __init__(self, cfg: SAEConfig):
         super().__init__()

@@ -18,6 +18,8 @@ THRESHOLD_MOMENTUM = 0.99
 class BatchTopKSAE(TopKFamilySAE):
     """k active latents per token on average; per-token sparsity adapts to the token."""
 
+    data_parallel = False  # the batch-level top k·B would need every rank's pre-activations
+
     def __init__(self, cfg: SAEConfig):
         super().__init__(cfg)
         # Running mean of the smallest kept activation: the inference-time threshold.

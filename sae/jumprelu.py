@@ -21,6 +21,7 @@ from torch.autograd import Function
 
 from sae.base import BaseSAE, SAEOutput, fvu
 from sae.config import SAEConfig
+from sae.distributed import batch_mean
 from sae.registry import register
 
 MIN_THRESHOLD = 1e-6
@@ -106,7 +107,7 @@ class JumpReLUSAE(BaseSAE):
         bandwidth = self.bandwidth()
         z = JumpReLU.apply(pre, threshold, bandwidth)
         x_hat = self.decode(z)
-        l0 = Step.apply(pre, threshold, bandwidth).sum(dim=-1).mean()
+        l0 = batch_mean(Step.apply(pre, threshold, bandwidth).sum(dim=-1))
         parts = {"fvu": fvu(x, x_hat), "l0_penalty": (l0 / self.cfg.k - 1) ** 2}
         counts = (z != 0).sum(dim=0)
         return SAEOutput(

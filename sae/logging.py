@@ -21,15 +21,17 @@ class RunLogger:
         run_name: str | None = None,
         config: dict[str, Any] | None = None,
         console: bool = True,
+        metrics_file: str = "metrics.jsonl",
     ):
-        """wandb_mode: offline (default; sync later with `wandb sync`), online, or disabled."""
+        """wandb_mode: offline (default; sync later with `wandb sync`), online, or disabled.
+        `metrics_file`: the JSONL file's name in out_dir."""
         if wandb_mode not in ("offline", "online", "disabled"):
             raise ValueError(f"wandb_mode must be offline, online or disabled, got {wandb_mode!r}")
         self.console = console
         self.jsonl = None
         if out_dir is not None:
             Path(out_dir).mkdir(parents=True, exist_ok=True)
-            self.jsonl = open(Path(out_dir) / "metrics.jsonl", "a")
+            self.jsonl = open(Path(out_dir) / metrics_file, "a")
         self.run = None
         if wandb_mode != "disabled":
             import wandb

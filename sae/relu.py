@@ -5,6 +5,7 @@ import torch
 from torch import Tensor
 
 from sae.base import BaseSAE, SAEOutput, fvu
+from sae.distributed import batch_mean
 from sae.registry import register
 
 
@@ -21,7 +22,7 @@ class ReLUSAE(BaseSAE):
         z = self.encode(x)
         x_hat = self.decode(z)
         # Divided by the mean input norm so the coefficient does not depend on the data's scale.
-        l1 = (z * self.W_dec.norm(dim=-1)).sum(dim=-1).mean() / x.norm(dim=-1).mean().clamp_min(1e-8)
+        l1 = batch_mean((z * self.W_dec.norm(dim=-1)).sum(dim=-1)) / batch_mean(x.norm(dim=-1)).clamp_min(1e-8)
         parts = {"fvu": fvu(x, x_hat), "l1": l1}
         counts = (z > 0).sum(dim=0)
         return SAEOutput(

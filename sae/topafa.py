@@ -9,6 +9,7 @@ from torch import Tensor
 
 import kernels
 from sae.base import SAEOutput
+from sae.distributed import batch_mean
 from sae.registry import register
 from sae.topk_family import TopKFamilySAE
 
@@ -43,7 +44,7 @@ class TopAFASAE(TopKFamilySAE):
         out = self.sparse_output(x, vals, idx, aux)
         code_norm = (vals * self.W_dec.norm(dim=-1)[idx]).norm(dim=-1)
         target = x_centered.detach().norm(dim=-1)
-        out.parts["afa"] = (code_norm - target).pow(2).mean() / target.pow(2).mean().clamp_min(1e-8)
+        out.parts["afa"] = batch_mean((code_norm - target).pow(2)) / batch_mean(target.pow(2)).clamp_min(1e-8)
         coeff = DEFAULT_AFA_COEFF if self.cfg.sparsity_coeff is None else self.cfg.sparsity_coeff
         out.loss = out.loss + coeff * out.parts["afa"]
         return out

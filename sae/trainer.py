@@ -7,6 +7,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -14,7 +15,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 import atomicfs
-from sae.base import BaseSAE
+from sae.base import BaseSAE, SAEOutput
 from sae.checkpoint import (
     find_checkpoint,
     load_state,
@@ -25,6 +26,7 @@ from sae.checkpoint import (
     write_tensors,
 )
 from sae.config import TrainConfig
+from sae.distributed import Distributed, batch_spans_ranks
 from sae.logging import RunLogger
 from sae.registry import create
 
@@ -42,12 +44,23 @@ class Trainer:
         logger: RunLogger | None = None,
         name: str = "sae",
         evaluator: Callable[[BaseSAE], dict[str, float]] | None = None,
+        data_parallel: Distributed | None = None,
     ):
         """`evaluator` maps the model to extra metrics (e.g. downstream CE-loss score); it runs
-        every `cfg.eval_every` steps and at the end, logged beside the training metrics."""
+        every `cfg.eval_every` steps and at the end, logged beside the training metrics.
+        `data_parallel`: this process is one of several, each training the same SAE on its slice
+        of every global batch (see `sae.distributed`); only rank 0 saves checkpoints."""
         if not any(p.requires_grad for p in model.parameters()):  # `sae.load` gives an inference model
             model.requires_grad_(True)
         self.model = model
+        self.data_parallel = data_parallel
+        if data_parallel is not None:
+            if not model.data_parallel:
+                raise ValueError(
+                    f"{model.cfg.architecture} SAEs cannot train data-parallel (its codes depend on the whole "
+                    "batch); train it in one process, or with --distribute-sites"
+                )
+            data_parallel.broadcast_(model.state_dict().values())  # every rank starts from rank 0's SAE
         self.evaluator = evaluator
         self.cfg = cfg or TrainConfig()
         torch.manual_seed(self.cfg.seed)
@@ -100,12 +113,17 @@ class Trainer:
         self.model.check_input(x)
         x = x.to(self.model.device, torch.float32)
         self.mid_step = True
+        ranks = self.data_parallel
         if self.step == 0:
-            self.initialize(x)
+            self.initialize(x if ranks is None else ranks.gather_rows(x))
         self.model.train()
-        out = self.model.loss(x, dead_mask=self.dead_mask())
-        self.optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
+        with batch_spans_ranks(ranks):
+            out = self.model.loss(x, dead_mask=self.dead_mask())
+            self.optimizer.zero_grad(set_to_none=True)
+            out.loss.backward()
+        if ranks is not None:
+            ranks.average_grads(self.model.parameters())
+            out = global_statistics(out, ranks)
         if self.model.unit_norm_decoder:
             self.model.remove_parallel_grads()
         if self.cfg.grad_clip > 0:
@@ -115,7 +133,7 @@ class Trainer:
         self.optimizer.step()
         self.model.after_step()
 
-        n_tokens = x.shape[0]
+        n_tokens = x.shape[0] * (1 if ranks is None else ranks.world_size)
         self.step += 1
         self.tokens += n_tokens
         self.tokens_since_fired += n_tokens
@@ -190,6 +208,7 @@ class Trainer:
         path: str | Path,
         logger: RunLogger | None = None,
         evaluator: Callable[[BaseSAE], dict[str, float]] | None = None,
+        data_parallel: Distributed | None = None,
         **overrides,
     ) -> "Trainer":
         """Rebuild a trainer exactly as it was saved; `fit` then skips the batches already seen.
@@ -204,7 +223,7 @@ class Trainer:
         model = create(sae_config_from_saved(info["sae_config"], path / STATE_JSON, kernel_backend))
         model.metadata = info.get("metadata", {})
         load_state(model, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, source=path / STATE_TENSORS)
-        trainer = cls(model, train_cfg, logger=logger, name=info["name"], evaluator=evaluator)
+        trainer = cls(model, train_cfg, logger=logger, name=info["name"], evaluator=evaluator, data_parallel=data_parallel)
         optim = trainer.optimizer.state_dict()
         for key, value in tensors.items():
             if key.startswith("optim."):
@@ -363,8 +382,20 @@ def _evaluate(trainers: dict[str, Trainer]) -> None:
         first.logger.log(metrics, step=first.step)
 
 
+def global_statistics(out: SAEOutput, ranks: Distributed) -> SAEOutput:
+    """The firing statistics and mean L0 of the global batch (the loss parts already are)."""
+    counts = ranks.sum_(out.fire_counts.clone())
+    l0 = ranks.sum_(out.l0.detach().clone()) / ranks.world_size
+    return replace(out, fired=counts.nonzero().flatten(), l0=l0, fire_counts=counts)
+
+
 def _save_all(trainers: dict[str, Trainer], on_saved: Callable[[int], object] | None = None) -> list[Path]:
-    saved = [t.save_checkpoint() for t in trainers.values() if t.cfg.out_dir is not None]
+    """Every trainer's checkpoint, where it has an out_dir (data parallel: rank 0's copy only);
+    then `on_saved(step)`."""
+    saved = [
+        t.save_checkpoint() for t in trainers.values()
+        if t.cfg.out_dir is not None and (t.data_parallel is None or t.data_parallel.is_main)
+    ]
     if saved and on_saved is not None:
         on_saved(next(iter(trainers.values())).step)
     return saved

@@ -159,9 +159,11 @@ def from_activations(
 def from_model(
     model: str | None, sites: list[str] | None, texts: list[str] | None, context_len: int, batch_size: int,
     n_tokens: int, seed: int, device: str, chat: bool = False, sequential: bool = False,
+    shard: tuple[int, int] = (0, 1),
 ) -> DataSource:
     """Activations harvested from a live model over text, one forward pass for every site; `chat`
-    reads conversations under the chat template, `sequential` whole samples (activations.stream)."""
+    reads conversations under the chat template, `sequential` whole samples (activations.stream).
+    `shard` (rank, world size): read only every world-th document from the rank-th on."""
     for site in sites or []:
         activations.check_site_name(site)  # before the model loads
     if not chat and texts and all(activations.is_chat_file(t) for t in texts):
@@ -176,8 +178,16 @@ def from_model(
         source, mix = docs, None
     else:
         docs, source, mix = text_source(lm, texts, context_len, n_tokens, seed)
+    rank, world = shard
+    if world > 1:
+        if chat or mix:
+            raise ValueError(
+                "data parallel from a live model shards plain-text documents; for --chat or NAME:WEIGHT mixes, "
+                "write the activations with `sae cache` and train from the cache"
+            )
+        source = (docs or activations.default_texts())[rank::world]
     # The trainer shows its own bar; the stream shows only the shuffle buffer filling.
-    if chat or sequential:  # resumed by replay: a saved stream position covers text windows only
+    if chat or sequential or world > 1:  # resumed by replay: a saved position covers one process's text windows
         stream = activations.stream(
             lm, sites, texts=source, context_len=context_len, batch_size=batch_size, n_tokens=n_tokens, seed=seed,
             progress=False, fill_progress=True, split="train", chat=chat, sequential=sequential,

@@ -7,6 +7,7 @@ import secrets
 import shutil
 import time
 import warnings
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -15,8 +16,8 @@ import torch
 import activations
 import analysis
 import atomicfs
-from sae import create
-from sae.app import layer_groups
+from sae import create, distributed
+from sae.app import layer_groups, parallel
 from sae.app.data import DataSource, from_activations, from_model, is_site, resolve_device
 from sae.config import SAEConfig, TrainConfig
 from sae.logging import RunLogger
@@ -87,6 +88,9 @@ class RunConfig:
     """W&B project name."""
     run_name: str | None = None
     """Run name (the folder under runs/); None makes one from the time plus a random suffix."""
+    distribute_sites: bool = False
+    """Under torchrun: each process trains its share of the sites' SAEs on whole batches, instead
+    of every SAE on its slice of each batch (data parallel)."""
 
     def __post_init__(self) -> None:
         if self.expansion_factor < 1 or (self.n_latents is not None and self.n_latents < 1):
@@ -182,18 +186,26 @@ def train(
     in the run folder `train_cfg.out_dir`, skipping the batches it has already seen.
 
     The run owns its folder (a lock) while it runs; a new run that fails before its first
-    checkpoint removes the folder it created."""
+    checkpoint removes the folder it created. Under torchrun (see `sae.app.parallel`) rank 0
+    owns the folder and writes the run's files."""
+    ranks = distributed.init(resolve_device(data.device))
     name = run.run_name or default_run_name()
+    if ranks is not None:
+        name = ranks.broadcast_text(name)
     out_dir = Path(train_cfg.out_dir or Path("runs") / name)
     train_cfg = replace(train_cfg, out_dir=str(out_dir))
+    main = ranks is None or ranks.is_main
     created = not out_dir.exists()
-    with atomicfs.DirLock(out_dir, "run folder"):
-        try:
-            return _train_locked(sae_cfg, train_cfg, data, run, resume, name, out_dir)
-        except BaseException:
-            if created and not resume and not _has_checkpoint(out_dir):
-                shutil.rmtree(out_dir, ignore_errors=True)
-            raise
+    try:
+        with atomicfs.DirLock(out_dir, "run folder") if main else nullcontext():
+            try:
+                return _train_locked(sae_cfg, train_cfg, data, run, resume, name, out_dir, ranks)
+            except BaseException:
+                if main and created and not resume and not _has_checkpoint(out_dir):
+                    shutil.rmtree(out_dir, ignore_errors=True)
+                raise
+    finally:
+        distributed.shutdown()
 
 
 def _has_checkpoint(out_dir: Path) -> bool:
@@ -201,11 +213,18 @@ def _has_checkpoint(out_dir: Path) -> bool:
 
 
 def _train_locked(
-    sae_cfg: dict, train_cfg: TrainConfig, data: DataConfig, run: RunConfig, resume: bool, name: str, out_dir: Path
+    sae_cfg: dict, train_cfg: TrainConfig, data: DataConfig, run: RunConfig, resume: bool, name: str, out_dir: Path,
+    ranks: distributed.Distributed | None = None,
 ) -> TrainResult:
-    if not resume and (out_dir / RUN_CONFIG).is_file():
+    main = ranks is None or ranks.is_main
+    if main and not resume and (out_dir / RUN_CONFIG).is_file():
         raise ValueError(f"{out_dir} already holds a run; continue it with --resume {out_dir} or choose another --out-dir")
-    source = open_source(data, train_cfg.seed)
+    if ranks is None:
+        source = open_source(data, train_cfg.seed)
+    else:
+        if data.layer_groups:
+            raise ValueError("--layer-groups does not run under torchrun yet; train the groups in one process")
+        source = parallel.open_source(data, train_cfg.seed, ranks, run.distribute_sites)
     grouping = None
     if data.layer_groups:
         source, grouping = layer_groups.share_by_group(
@@ -214,7 +233,7 @@ def _train_locked(
         data = replace(data, layer_groups=grouping.spec)  # the groups chosen: a resume reuses them
         print(f"layer groups ({grouping.record['spec']}): {', '.join(grouping.groups)}", flush=True)
     folders = site_folders(list(source.widths))
-    device = resolve_device(data.device)
+    device = resolve_device(data.device) if ranks is None else ranks.device
     torch.manual_seed(train_cfg.seed)
     models = {}
     for site, d in source.widths.items():
@@ -222,48 +241,51 @@ def _train_locked(
         members = source.members.get(site)
         site_meta = {"site": members[0], "sites": members} if members else {"site": site} if is_site(site) else {"tensor": site}
         models[site].metadata = {**source.provenance, **site_meta}
+    models = {site: models[site] for site in parallel.owned_sites(list(models), ranks, run.distribute_sites)}
+    data_parallel = ranks if ranks is not None and not run.distribute_sites else None
     config = {
         "sae": sae_cfg, "train": asdict(train_cfg), "data": asdict(data), "run": asdict(run), "source": source.provenance,
         **({"layer_groups": grouping.record} if grouping else {}),
     }
     if resume and grouping:  # keep the similarity the groups were chosen on (a resume reuses the groups as given)
         config["layer_groups"] = json.loads((out_dir / RUN_CONFIG).read_text()).get("layer_groups", grouping.record)
-    if not resume:  # a resume rewrites it only once it succeeds, so a failed one changes nothing
+    if main and not resume:  # a resume rewrites it only once it succeeds, so a failed one changes nothing
         atomicfs.write_json(out_dir / RUN_CONFIG, config)
     for site in models:
-        if resume and atomicfs.recover(out_dir / folders[site]) is None:
+        if resume and (main or data_parallel is None) and atomicfs.recover(out_dir / folders[site]) is None:
             raise FileNotFoundError(
                 f"{out_dir} has no checkpoint for {site} (the run stopped before its first save); start it again without --resume"
             )
+    if ranks is not None:
+        ranks.barrier()  # rank 0 has checked and prepared the folder
     steps = math.ceil(data.n_tokens / data.batch_size)
-    logger = RunLogger(out_dir, wandb_mode=run.wandb_mode, project=run.wandb_project, run_name=name, config=config)
+    logger = parallel.run_logger(out_dir, run, name, config, ranks, run.distribute_sites)
     trainers = {}
     try:
         for site, model in models.items():
             evaluated = source.members.get(site, site)
-            evaluator = (
-                downstream_evaluator(source.lm, evaluated, source.texts, chat=source.chat)
-                if source.lm is not None else None
-            )
+            evaluates = source.lm is not None and (main or data_parallel is None)
+            evaluator = downstream_evaluator(source.lm, evaluated, source.texts, chat=source.chat) if evaluates else None
             if resume:
                 trainers[site] = Trainer.resume(
                     out_dir / folders[site], logger=logger, evaluator=evaluator, out_dir=str(out_dir),
-                    kernel_backend=sae_cfg.get("kernel_backend", "auto"),
+                    kernel_backend=sae_cfg.get("kernel_backend", "auto"), data_parallel=data_parallel,
                 )
                 resumed = trainers[site].model.to(device)
                 resumed.metadata = resumed.metadata or model.metadata  # checkpoints older than metadata in the state
                 models[site] = resumed
             else:
                 cfg = replace(train_cfg, steps=train_cfg.steps or steps)
-                trainers[site] = Trainer(model, cfg, logger=logger, name=site, evaluator=evaluator)
+                trainers[site] = Trainer(model, cfg, logger=logger, name=site, evaluator=evaluator, data_parallel=data_parallel)
         batches, first_batch = source.batches, 0
         if resume and source.continue_at is not None:  # skip what the checkpoints saw without recomputing it
             batches, first_batch = source.continue_at(out_dir, next(iter(trainers.values())).step)
         on_saved = None if source.save_position is None else lambda step: source.save_position(out_dir, step)
-        fit_many(trainers, batches, first_batch=first_batch, on_saved=on_saved)
+        fit_many(trainers, batches, progress=main, first_batch=first_batch, on_saved=on_saved)
     finally:
-        logger.finish()
-    if resume:
+        if logger is not None:
+            logger.finish()
+    if main and resume:
         atomicfs.write_json(out_dir / RUN_CONFIG, config)
     summary = {site: t.last_metrics for site, t in trainers.items()}
     return TrainResult(
