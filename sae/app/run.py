@@ -20,7 +20,6 @@ from sae import create, distributed
 from sae.app import layer_groups, parallel
 from sae.app.data import DataSource, from_activations, from_model, is_site, resolve_device
 from sae.config import SAEConfig, TrainConfig
-from sae.logging import RunLogger
 from sae.trainer import Trainer, fit_many
 
 
