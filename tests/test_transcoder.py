@@ -1,11 +1,14 @@
 """Transcoders: on a planted sparse map from one site to another they recover it (the skip
 transcoder also its dense linear part), their kernel path matches plain autograd, and saving
 folds both scales."""
+import copy
 from dataclasses import dataclass
 
 import pytest
 import torch
 
+import activations
+import analysis
 import sae
 
 
@@ -129,3 +132,31 @@ def test_trainer_refuses_a_missing_or_unexpected_target():
     topk = sae.Trainer(sae.create(sae.SAEConfig(architecture="topk", d_in=8, n_latents=16, k=2)))
     with pytest.raises(ValueError, match="takes no target"):
         topk.train_step(x, x)
+
+
+def test_evaluate_splices_the_prediction_in_place_of_the_target_site(tiny_lm):
+    """A 'transcoder' whose prediction is the true MLP of its input scores exactly like the clean
+    model; a zero-initialised skip transcoder (prediction = b_dec = 0) scores like the ablation."""
+    mlp = copy.deepcopy(tiny_lm.model.model.layers[1].mlp)  # a copy: the splice hooks sit on the original
+
+    class ExactMLP(sae.Transcoder):
+        def forward(self, x):
+            return mlp(x)
+
+    site, target = "blocks.1.mlp.hook_in", "blocks.1.hook_mlp_out"
+    options = dict(texts=activations.default_texts(limit=20), n_tokens=64, context_len=32, split="all",
+                   absorption=False, probing=False, contrastive=False, progress=False)
+    exact = ExactMLP(sae.SAEConfig(architecture="transcoder", d_in=tiny_lm.d_model, n_latents=96, k=8))
+    exact.metadata = {"site": site, "target_site": target}
+    report = analysis.evaluate(exact, tiny_lm, site, **options)
+    assert report["fvu"] < 1e-10 and report["meta"]["target_site"] == target
+    assert report["ce_sae"] == pytest.approx(report["ce_clean"], abs=1e-5) and report["kl_sae"] < 1e-8
+    assert report["ce_zero"] > report["ce_clean"]  # the zero ablation replaced mlp_out, not mlp.hook_in
+    zero = sae.create(sae.SAEConfig(architecture="skip_transcoder", d_in=tiny_lm.d_model, n_latents=96, k=8))
+    with torch.no_grad():
+        zero.W_dec.zero_()
+    report = analysis.evaluate(zero, tiny_lm, site, target_site=target, **options)
+    assert report["ce_sae"] == pytest.approx(report["ce_zero"], abs=1e-5) and report["ce_loss_score"] == pytest.approx(0, abs=1e-4)
+    zero.metadata = {}
+    with pytest.raises(ValueError, match="records no target site"):
+        analysis.evaluate(zero, tiny_lm, site, **options)
