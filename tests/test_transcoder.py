@@ -2,6 +2,7 @@
 transcoder also its dense linear part), their kernel path matches plain autograd, and saving
 folds both scales."""
 import copy
+import json
 from dataclasses import dataclass
 
 import pytest
@@ -160,3 +161,35 @@ def test_evaluate_splices_the_prediction_in_place_of_the_target_site(tiny_lm):
     zero.metadata = {}
     with pytest.raises(ValueError, match="records no target site"):
         analysis.evaluate(zero, tiny_lm, site, **options)
+
+
+def test_cli_trains_transcoders_from_a_cache_and_a_live_model_and_eval_needs_no_flags(tmp_path, tiny_lm, capsys):
+    from sae.app.cli import main
+
+    model_dir = tmp_path / "tiny"
+    tiny_lm.model.save_pretrained(model_dir)
+    tiny_lm.tokenizer.save_pretrained(model_dir)
+    site, target = "blocks.1.mlp.hook_in", "blocks.1.hook_mlp_out"
+    common = ["--sites", site, "--target-sites", target, "--n-tokens", "1024", "--batch-size", "256",
+              "--expansion-factor", "2", "--k", "8", "--no-wandb", "--log-every", "2", "--lr", "3e-3", "--warmup-steps", "2"]
+    assert main(["cache", "--model", str(model_dir), "--sites", site, target, "--tokens", "2048",
+                 "--context-len", "32", "--out", str(tmp_path / "cache")]) == 0
+    assert main(["train", "--architecture", "transcoder", "--activations", str(tmp_path / "cache"), *common,
+                 "--out-dir", str(tmp_path / "cached")]) == 0
+    assert main(["train", "--architecture", "skip_transcoder", "--model", str(model_dir), "--context-len", "32",
+                 *common, "--out-dir", str(tmp_path / "live")]) == 0
+    lines = [json.loads(line) for line in (tmp_path / "live" / "metrics.jsonl").read_text().splitlines()]
+    fvus = [line["fvu"] for line in lines if "fvu" in line]
+    assert "ce_loss_score" in lines[-1] and fvus[-1] < fvus[0]
+    for run in ("cached", "live"):
+        loaded = sae.load(tmp_path / run / site)
+        assert loaded.metadata["site"] == site and loaded.metadata["target_site"] == target
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "live" / site / "sae"), "--n-tokens", "128", "--no-absorption",
+                 "--no-probing", "--no-contrastive", "--wandb-mode", "disabled", "--out", str(tmp_path / "eval")]) == 0
+    report = json.loads((tmp_path / "eval" / f"live/{site}" / "report.json").read_text())
+    # (Quality is the real-model test's job: 8 steps on a random tiny model learn little.)
+    assert report["meta"]["target_site"] == target and all(report[k] == report[k] for k in ("fvu", "ce_loss_score"))
+    with pytest.raises(SystemExit, match="--target-sites"):
+        main(["train", "--architecture", "transcoder", "--activations", str(tmp_path / "cache"), "--sites", site,
+              "--no-wandb", "--out-dir", str(tmp_path / "bad")])

@@ -6,6 +6,7 @@ import secrets
 import shutil
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import torch
 import activations
 import analysis
 import atomicfs
-from sae import create
+from sae import create, registry
 from sae.app.data import DataSource, from_activations, from_model, is_site, resolve_device
 from sae.config import SAEConfig, TrainConfig
 from sae.logging import RunLogger
@@ -31,6 +32,9 @@ class DataConfig:
     sites: list[str] | None = None
     """Hook sites, one SAE each (e.g. blocks.15.hook_resid_post); None: the middle layer's resid_post.
     With a tensor file: the tensors to use, or the site of its single tensor."""
+    target_sites: list[str] | None = None
+    """Transcoders only: the site each of `sites` predicts, in the same order (e.g.
+    blocks.5.hook_mlp_out for blocks.5.mlp.hook_in); read in the same forward pass or cache."""
     activations: str | None = None
     """Train on saved activations instead of running a model: a .safetensors file of [N, d]
     tensors (named by site, or a single tensor) or a directory written by `sae cache`."""
@@ -115,9 +119,30 @@ def default_run_name() -> str:
 
 def open_source(data: DataConfig, seed: int) -> DataSource:
     device = resolve_device(data.device)
+    sites = data.sites and list(dict.fromkeys(data.sites + (data.target_sites or [])))
     if data.activations:
-        return from_activations(data.activations, data.sites, data.batch_size, data.n_tokens, seed, data.model)
-    return from_model(data.model, data.sites, data.texts, data.context_len, data.batch_size, data.n_tokens, seed, device)
+        return from_activations(data.activations, sites, data.batch_size, data.n_tokens, seed, data.model)
+    return from_model(data.model, sites, data.texts, data.context_len, data.batch_size, data.n_tokens, seed, device)
+
+
+def transcoder_targets(architecture: str, data: DataConfig) -> dict[str, str]:
+    """{input site: target site} for a transcoder run, {} otherwise; one-line errors on a mismatch."""
+    if not registry.get(architecture).predicts_target:
+        if data.target_sites:
+            raise ValueError(f"--target-sites is for transcoders; a {architecture} SAE reconstructs its own site")
+        return {}
+    if not data.sites or not data.target_sites or len(data.sites) != len(data.target_sites):
+        raise ValueError(
+            f"a {architecture} reads one site and predicts another: pass --sites and --target-sites of the same "
+            "length, e.g. --sites blocks.5.mlp.hook_in --target-sites blocks.5.hook_mlp_out"
+        )
+    return dict(zip(data.sites, data.target_sites))
+
+
+def with_targets(batches: Iterator[dict], targets: dict[str, str]) -> Iterator[dict]:
+    """A transcoder's batches: {input site: (input, target)} from {site: activations}."""
+    for batch in batches:
+        yield {site: (batch[site], batch[target]) for site, target in targets.items()}
 
 
 def site_folders(sites: list[str]) -> dict[str, str]:
@@ -163,14 +188,18 @@ def _train_locked(
 ) -> TrainResult:
     if not resume and (out_dir / RUN_CONFIG).is_file():
         raise ValueError(f"{out_dir} already holds a run; continue it with --resume {out_dir} or choose another --out-dir")
+    targets = transcoder_targets(sae_cfg.get("architecture", "topk"), data)
     source = open_source(data, train_cfg.seed)
-    folders = site_folders(list(source.widths))
+    widths = {site: source.widths[site] for site in targets} if targets else source.widths
+    folders = site_folders(list(widths))
     device = resolve_device(data.device)
     torch.manual_seed(train_cfg.seed)
     models = {}
-    for site, d in source.widths.items():
+    for site, d in widths.items():
         models[site] = create(SAEConfig(d_in=d, n_latents=run.n_latents or run.expansion_factor * d, **sae_cfg)).to(device)
         site_meta = {"site": site} if is_site(site) else {"tensor": site}
+        if site in targets:
+            site_meta["target_site" if is_site(targets[site]) else "target_tensor"] = targets[site]
         models[site].metadata = {**source.provenance, **site_meta}
     config = {
         "sae": sae_cfg, "train": asdict(train_cfg), "data": asdict(data), "run": asdict(run), "source": source.provenance,
@@ -199,7 +228,7 @@ def _train_locked(
             else:
                 cfg = replace(train_cfg, steps=train_cfg.steps or steps)
                 trainers[site] = Trainer(model, cfg, logger=logger, name=site, evaluator=evaluator)
-        fit_many(trainers, source.batches)
+        fit_many(trainers, with_targets(source.batches, targets) if targets else source.batches)
     finally:
         logger.finish()
     if resume:
