@@ -193,3 +193,23 @@ def test_cli_trains_transcoders_from_a_cache_and_a_live_model_and_eval_needs_no_
     with pytest.raises(SystemExit, match="--target-sites"):
         main(["train", "--architecture", "transcoder", "--activations", str(tmp_path / "cache"), "--sites", site,
               "--no-wandb", "--out-dir", str(tmp_path / "bad")])
+
+
+@pytest.mark.real_model
+def test_transcoder_of_a_default_model_mlp_beats_the_mean_and_splices_in(default_lm):
+    """Layer 3's MLP of SmolLM2, both sites from one forward pass per batch."""
+    site, target = "blocks.3.mlp.hook_in", "blocks.3.hook_mlp_out"
+    stream = activations.stream(default_lm, [site, target], n_tokens=8192, batch_size=512, context_len=64,
+                                progress=False)
+    torch.manual_seed(0)
+    model = sae.create(sae.SAEConfig(architecture="skip_transcoder", d_in=default_lm.d_model, n_latents=1152, k=16))
+    sae.Trainer(model, sae.TrainConfig(lr=5e-3, warmup_steps=3, log_every=10**9)).fit(
+        [(batch[site], batch[target]) for batch in stream], progress=False
+    )
+    model.metadata = {"site": site, "target_site": target}
+    report = analysis.evaluate(model, default_lm, site, n_tokens=1024, absorption=False, probing=False,
+                               contrastive=False, progress=False)
+    # Predicting the mean output has FVU 1 (zero: more); the spliced prediction beats zero-ablating
+    # the MLP. Measured after these 16 steps: FVU 0.83, CE-loss score 0.74.
+    assert report["fvu"] < 0.93 and report["l0"] == pytest.approx(16, abs=0.5)
+    assert 0.4 < report["ce_loss_score"] <= 1.05 and report["ce_sae"] < report["ce_zero"]
