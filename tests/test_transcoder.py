@@ -213,3 +213,32 @@ def test_transcoder_of_a_default_model_mlp_beats_the_mean_and_splices_in(default
     # the MLP. Measured after these 16 steps: FVU 0.83, CE-loss score 0.74.
     assert report["fvu"] < 0.93 and report["l0"] == pytest.approx(16, abs=0.5)
     assert 0.4 < report["ce_loss_score"] <= 1.05 and report["ce_sae"] < report["ce_zero"]
+
+
+@pytest.mark.parametrize("arch", ["transcoder", "skip_transcoder"])
+def test_sparsify_format_holds_the_transcoder_as_sparsify_runs_it(arch, tmp_path):
+    data = PlantedMap(skip=arch == "skip_transcoder")
+    model = fit(arch, data, steps=20)
+    model.save(tmp_path / "layers.3.mlp", format="sparsify")
+    cfg = json.loads((tmp_path / "layers.3.mlp" / "cfg.json").read_text())
+    assert cfg["transcode"] and cfg["skip_connection"] == (arch == "skip_transcoder")
+    # sparsify's transcoder forward, written out: no b_dec on the input, ReLU, top-k, decode, + x W_skip^T.
+    from safetensors.torch import load_file
+
+    w = load_file(str(tmp_path / "layers.3.mlp" / "sae.safetensors"))
+    x, _ = data.sample(256)
+    pre = torch.relu(x @ w["encoder.weight"].T + w["encoder.bias"])
+    vals, idx = pre.topk(model.cfg.k, dim=-1)
+    expected = torch.zeros_like(pre).scatter(-1, idx, vals) @ w["W_dec"] + w["b_dec"]
+    if "W_skip" in w:
+        expected += x @ w["W_skip"].T
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-4)
+    # Read back without our own section, the folder name gives both sites.
+    del cfg["sae_toolkit"]
+    (tmp_path / "layers.3.mlp" / "cfg.json").write_text(json.dumps(cfg))
+    loaded = sae.load(tmp_path / "layers.3.mlp")
+    assert type(loaded) is type(model)
+    assert loaded.metadata == {"site": "blocks.3.mlp.hook_in", "target_site": "blocks.3.hook_mlp_out"}
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), expected, rtol=1e-4, atol=1e-4)
