@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from .model import LanguageModel
-from .sites import Site, parse_sites, site_module
+from .sites import INPUT_KINDS, Site, parse_sites, site_module
 from .text import encode_texts
 
 
@@ -29,7 +29,7 @@ def _replace_first(value: Any, new: Tensor) -> Any:
 
 def _attach(site: Site, module: nn.Module, fn: Callable[[Tensor], Tensor | None]) -> Any:
     """Register a hook calling `fn(activation)`; a returned tensor replaces the activation."""
-    if site.kind == "resid_pre":
+    if site.kind in INPUT_KINDS:
 
         def pre_hook(_mod: nn.Module, args: tuple, kwargs: dict) -> Any:
             x = args[0] if args else kwargs["hidden_states"]

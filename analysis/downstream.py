@@ -9,7 +9,8 @@ BOS / pad / special positions keep their real activation, as in training.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +38,30 @@ def sae_splice(
     return fn
 
 
+@contextmanager
+def transcoder_splice(
+    lm: activations.LanguageModel, model: torch.nn.Module, site: str, target_site: str, mask: Tensor | None = None
+) -> Iterator[None]:
+    """Within the block, a transcoder's prediction from `site`'s activation replaces
+    `target_site`'s activation of the same forward (at `mask` positions), e.g. an MLP's output
+    predicted from its input."""
+    seen: dict[str, Tensor] = {}
+
+    def capture(a: Tensor) -> None:
+        seen["input"] = a
+
+    def predict(a: Tensor) -> Tensor:
+        if "input" not in seen:
+            raise ValueError(f"{target_site} ran before {site}: a transcoder's input site must come before its target")
+        x = seen.pop("input")
+        flat = x.reshape(-1, x.shape[-1]).to(_dtype(model))
+        new = model(flat).to(a.dtype).reshape(a.shape)
+        return new if mask is None else torch.where(mask.to(a.device)[..., None], new, a)
+
+    with activations.patch_site(lm, site, capture), activations.patch_site(lm, target_site, predict):
+        yield
+
+
 def zero_splice(mask: Tensor | None = None) -> Callable[[Tensor], Tensor]:
     """A function for `activations.patch_site` that zero-ablates the activation (at `mask` positions)."""
 
@@ -56,20 +81,28 @@ def _next_token_logprobs(logits: Tensor) -> Tensor:
 
 @torch.no_grad()
 def downstream_sums(
-    model: torch.nn.Module, lm: activations.LanguageModel, site: str, input_ids: Tensor, keep: Tensor
+    model: torch.nn.Module, lm: activations.LanguageModel, site: str, input_ids: Tensor, keep: Tensor,
+    target_site: str | None = None,
 ) -> dict[str, float]:
     """Summed CE / KL over the scored positions of one batch (see `downstream_scores`).
 
     A position t is scored when token t and its target t+1 are both kept, so predictions made
-    from BOS and predictions of pad / EOS are left out.
+    from BOS and predictions of pad / EOS are left out. With `target_site` the model is a
+    transcoder: its prediction (and the zero ablation) replaces that site's activation.
     """
     input_ids, keep = input_ids.to(lm.device), keep.to(lm.device)
     scored = keep[:, :-1] & keep[:, 1:]
     targets = input_ids[:, 1:, None]
     clean = _next_token_logprobs(activations.logits(lm, input_ids))
     sums = {"n_positions": float(scored.sum()), "ce_clean": float(-clean.gather(-1, targets)[..., 0][scored].sum())}
-    for name, fn in (("sae", sae_splice(model, keep)), ("zero", zero_splice(keep))):
-        with activations.patch_site(lm, site, fn):
+    replaced = target_site or site
+    splices = {
+        "sae": activations.patch_site(lm, site, sae_splice(model, keep)) if target_site is None
+        else transcoder_splice(lm, model, site, target_site, keep),
+        "zero": activations.patch_site(lm, replaced, zero_splice(keep)),
+    }
+    for name, splice in splices.items():
+        with splice:
             patched = _next_token_logprobs(activations.logits(lm, input_ids))
         sums[f"ce_{name}"] = float(-patched.gather(-1, targets)[..., 0][scored].sum())
         # One window at a time: the [T, vocab] temporaries stay small (a whole batch's would be

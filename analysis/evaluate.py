@@ -133,9 +133,11 @@ def _windows(lm: activations.LanguageModel, texts: Iterable[str] | None, cfg: Ev
 def _token_metrics(
     model: torch.nn.Module, lm: activations.LanguageModel, site: str, windows: torch.Tensor, cfg: EvalConfig,
     keep_mask: torch.Tensor | None = None,
+    target_site: str | None = None,
 ) -> tuple[dict, torch.Tensor]:
     """Reconstruction (+ CE/KL) metrics over the windows (at `keep_mask`, default `token_mask`),
-    and the per-latent firing density."""
+    and the per-latent firing density. With `target_site` (a transcoder), the metrics compare its
+    prediction with that site's activation."""
     param = next(model.parameters())
     stats = ReconstructionStats(model.cfg.d_in, model.cfg.n_latents)
     sums: dict[str, float] = {}
@@ -144,11 +146,12 @@ def _token_metrics(
     keeps = keep_mask.split(cfg.batch_size) if keep_mask is not None else itertools.repeat(None)
     for ids, keep in zip(bar, keeps):
         keep = activations.token_mask(lm, ids) if keep is None else keep
-        x = activations.harvest(lm, ids, site)[site][keep.to(lm.device)].to(param.device, param.dtype)
+        acts = activations.harvest(lm, ids, [site] if target_site is None else [site, target_site])
+        x, y = (acts[s][keep.to(lm.device)].to(param.device, param.dtype) for s in (site, target_site or site))
         z = model.encode(x)
-        stats.update(x, model.decode(z), z)
+        stats.update(y, model.decode(z) if target_site is None else model(x), z)
         if cfg.downstream:
-            for k, v in downstream_sums(model, lm, site, ids, keep).items():
+            for k, v in downstream_sums(model, lm, site, ids, keep, target_site).items():
                 sums[k] = sums.get(k, 0.0) + v
     out = stats.result()
     if cfg.downstream:
@@ -162,9 +165,14 @@ def evaluate(
     site: str,
     texts: Iterable[str] | None = None,
     config: EvalConfig | None = None,
+    target_site: str | None = None,
     **overrides,
 ) -> dict:
     """Evaluate an SAE trained on `site` of `lm`; returns a JSON-able report.
+
+    A transcoder (`target_site` given, or recorded as `metadata["target_site"]`) reads `site` and
+    predicts `target_site`: fvu and the other reconstruction metrics compare its prediction with
+    the target's activation, and the CE/KL scores splice the prediction in place of the target.
 
     Top level: scalar metrics (l0, fvu, explained_variance, mse, cosine, l2_ratio,
     relative_reconstruction_bias, ce_loss_score, kl_score, delta_ce, dead_fraction,
@@ -182,6 +190,9 @@ def evaluate(
             f"The SAE reads d_in={model.cfg.d_in} but {lm.name} has d_model={lm.d_model}; "
             "evaluate it on the model and site it was trained on."
         )
+    target_site = target_site or getattr(model, "metadata", {}).get("target_site")
+    if getattr(model, "predicts_target", False) and target_site is None:
+        raise ValueError("This transcoder records no target site; pass target_site= (e.g. blocks.L.hook_mlp_out).")
     model.eval()
     seconds: dict[str, float] = {}
     start = time.perf_counter()
@@ -189,7 +200,7 @@ def evaluate(
         windows, keep, text_meta = _chat_samples(lm, texts, cfg)
     else:
         (windows, text_meta), keep = _windows(lm, texts, cfg), None
-    report, density = _token_metrics(model, lm, site, windows, cfg, keep)
+    report, density = _token_metrics(model, lm, site, windows, cfg, keep, target_site)
     report.update(density_stats(density, cfg.dense_threshold))
     max_cos = max_decoder_cosine(model.decoder_directions())
     report["max_decoder_cosine_mean"] = float(max_cos.mean())
@@ -213,6 +224,7 @@ def evaluate(
     report["meta"] = {
         "model": lm.name,
         "site": site,
+        **({"target_site": target_site} if target_site else {}),
         "text": text_meta,
         "sae_config": dataclasses.asdict(model.cfg),
         "eval_config": dataclasses.asdict(cfg),

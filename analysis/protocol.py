@@ -11,7 +11,10 @@ from torch import Tensor
 class SAELike(Protocol):
     """An SAE as the analysis modules see it (every `sae.BaseSAE` is one).
 
-    `cfg` needs `d_in` and `n_latents`; `metadata` may record the `model` and `site`."""
+    `cfg` needs `d_in` and `n_latents`; `metadata` may record the `model` and `site`. A
+    transcoder also records `target_site` (and has `predicts_target = True`): it encodes `site`'s
+    activations, and `model(x)` is its prediction of `target_site`'s (decode alone leaves out a
+    skip connection's part)."""
 
     cfg: Any
 

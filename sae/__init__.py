@@ -1,7 +1,7 @@
 """Sparse autoencoders: architectures, training, checkpoints."""
 # Importing each architecture's module registers it (sae.registry).
 # This order is `sae.architectures()`'s.
-from sae import topk, batchtopk, jumprelu, relu, abstopk, matryoshka, topafa, adaptivek, kronsae  # noqa: F401, I001
+from sae import topk, batchtopk, jumprelu, relu, abstopk, matryoshka, topafa, adaptivek, kronsae, transcoder  # noqa: F401, I001
 from sae.abstopk import AbsTopKSAE
 from sae.adaptivek import AdaptiveKSAE
 from sae.base import BaseSAE, SAEOutput, fvu
@@ -17,8 +17,9 @@ from sae.topafa import TopAFASAE
 from sae.topk import TopKSAE
 from sae.topk_family import TopKFamilySAE
 from sae.trainer import Trainer, fit_many
+from sae.transcoder import SkipTranscoder, Transcoder
 
 __all__ = [
-    "AbsTopKSAE", "AdaptiveKSAE", "BaseSAE", "BatchTopKSAE", "JumpReLUSAE", "KronSAE", "MatryoshkaSAE", "ReLUSAE", "SAEConfig", "SAEOutput", "TopAFASAE", "TopKFamilySAE",
-    "TopKSAE", "TrainConfig", "Trainer", "architectures", "create", "fit_many", "fvu", "load",
+    "AbsTopKSAE", "AdaptiveKSAE", "BaseSAE", "BatchTopKSAE", "JumpReLUSAE", "KronSAE", "MatryoshkaSAE", "ReLUSAE", "SAEConfig", "SAEOutput", "SkipTranscoder", "TopAFASAE",
+    "TopKFamilySAE", "TopKSAE", "TrainConfig", "Trainer", "Transcoder", "architectures", "create", "fit_many", "fvu", "load",
 ]

@@ -60,6 +60,9 @@ class BaseSAE(nn.Module):
     data_parallel: bool = True
     """Its loss reads the batch only through per-row terms and `sae.distributed`'s batch sums,
     so data-parallel ranks holding slices of a batch train it exactly as one process would."""
+    predicts_target: bool = False
+    """A transcoder: trained on (input, target) pairs from two sites, `model(x)` predicts the
+    target site's activation (`metadata["target_site"]`) from the input site's."""
 
     def __init__(self, cfg: SAEConfig):
         super().__init__()
@@ -97,9 +100,15 @@ class BaseSAE(nn.Module):
         """Dense codes [N, n_latents] for activations x [N, d_in]."""
         raise NotImplementedError
 
+    @property
+    def output_scale(self) -> Tensor:
+        """What decoded outputs are divided by: the input's scale for an SAE (a transcoder's target
+        has its own)."""
+        return self.input_scale
+
     def decode(self, z: Tensor) -> Tensor:
         """Reconstruction [N, d_in] from dense codes z [N, n_latents]."""
-        return (z @ self.W_dec + self.b_dec) / self.input_scale
+        return (z @ self.W_dec + self.b_dec) / self.output_scale
 
     def forward(self, x: Tensor) -> Tensor:
         return self.decode(self.encode(x))
@@ -107,7 +116,7 @@ class BaseSAE(nn.Module):
     def decoder_directions(self) -> Tensor:
         """Each latent's contribution to x_hat per unit of code, in raw activation units
         [n_latents, d_in] (what `analysis` steers and measures with)."""
-        return self.W_dec / self.input_scale
+        return self.W_dec / self.output_scale
 
     def loss(self, x: Tensor, dead_mask: Tensor | None = None) -> SAEOutput:
         """Training loss on a batch; `dead_mask` [n_latents] marks latents the trainer found dead."""

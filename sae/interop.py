@@ -7,7 +7,9 @@ SAELens saves a BatchTopK SAE as JumpReLU with its threshold repeated per latent
 
 sparsify: `cfg.json` + `sae.safetensors` with encoder.weight [num_latents, d_in], encoder.bias,
 W_dec [num_latents, d_in] (the same orientation as ours: SAELens' own sparsify reader transposes
-it wrongly), b_dec and, with `skip_connection`, W_skip [d_in, d_in]. TopK only.
+it wrongly), b_dec and, with `skip_connection`, W_skip [d_in, d_in]. TopK only: SAEs, and
+transcoders (`transcode`: the encoder reads the module's input without subtracting b_dec, and
+the output is the module's output) with or without the skip.
 
 Every conversion is exact (no approximation): what cannot be represented exactly is refused with
 a message naming it. Both formats carry our own config and metadata under `sae_toolkit` in
@@ -40,6 +42,9 @@ SAELENS_CONFIG_VERSION = "6.0.0"
 SAELENS_ARCHITECTURE = {"topk": "topk", "jumprelu": "jumprelu", "batchtopk": "jumprelu", "relu": "standard"}
 # sparsify hookpoints (module paths) that name one of our sites.
 SPARSIFY_KINDS = {"": "resid_post", ".mlp": "mlp_out", ".self_attn": "attn_out", ".attn": "attn_out"}
+# A sparsify transcoder of a hookpoint reads that module's input: our site for it, by output site.
+TRANSCODER_INPUT = {"hook_mlp_out": "mlp.hook_in", "hook_resid_post": "hook_resid_pre"}
+SPARSIFY_ARCHITECTURES = ("topk", "transcoder", "skip_transcoder")
 
 
 def detect_format(path: Path) -> str | None:
@@ -76,7 +81,7 @@ def load_peer(path: Path, fmt: str):
     saved = our_section(cfg)
     n_latents, d_in = state["W_enc"].shape
     fields = hyperparameters(saved.get("config") or {}, arch, n_latents)
-    if arch == "topk" or (arch == "batchtopk" and cfg.get("k")):
+    if arch in ("topk", "transcoder", "skip_transcoder") or (arch == "batchtopk" and cfg.get("k")):
         fields["k"] = peer_k(cfg)
     model = create(SAEConfig.from_dict({**fields, "architecture": arch, "d_in": d_in, "n_latents": n_latents}))
     model.metadata = {**metadata, **(saved.get("metadata") or {})}
@@ -225,11 +230,11 @@ def to_saelens(model) -> tuple[dict[str, Any], dict[str, Tensor]]:
 # -- sparsify -------------------------------------------------------------------------------------
 def from_sparsify(cfg: dict[str, Any], weights: dict[str, Tensor], path: Path) -> tuple[str, dict[str, Tensor], dict[str, str]]:
     where = path / PEER_CONFIG
-    unsupported = [name for name in ("transcode", "skip_connection") if cfg.get(name)]
-    if unsupported:
+    transcode, skip = bool(cfg.get("transcode")), bool(cfg.get("skip_connection"))
+    if skip and not transcode:
         raise ValueError(
-            f"{where}: sparsify {' and '.join(unsupported)} checkpoints are not supported (this toolkit's SAEs "
-            "reconstruct their own input and have no skip connection W_skip)"
+            f"{where}: sparsify skip_connection checkpoints that are not transcoders are not supported (this "
+            "toolkit's SAEs reconstruct their own input without a skip connection W_skip)"
         )
     if cfg.get("activation", "topk") != "topk":
         raise ValueError(f"{where}: sparsify activation {cfg['activation']!r} is not supported; only topk")
@@ -238,10 +243,18 @@ def from_sparsify(cfg: dict[str, Any], weights: dict[str, Tensor], path: Path) -
     d_in = int(cfg["d_in"])
     n = int(cfg.get("num_latents") or d_in * int(cfg.get("expansion_factor", 32)))
     expected = {"encoder.weight": (n, d_in), "encoder.bias": (n,), "W_dec": (n, d_in), "b_dec": (d_in,)}
+    if skip:
+        expected["W_skip"] = (d_in, d_in)
     check_shapes(weights, expected, where, "sparsify")
     state = {"W_enc": weights["encoder.weight"], "b_enc": weights["encoder.bias"], "W_dec": weights["W_dec"], "b_dec": weights["b_dec"]}
     metadata = {}
     site = sparsify_site(path.name)
+    if transcode:  # a transcoder reads the hooked module's input and predicts its output
+        state.update(target_scale=torch.tensor(1.0), input_mean=torch.zeros(d_in), **({"W_skip": weights["W_skip"]} if skip else {}))
+        if site:
+            metadata["target_site"] = site
+            block, kind = site.rsplit(".", 1)
+            site = f"{block}.{TRANSCODER_INPUT[kind]}" if kind in TRANSCODER_INPUT else None  # attention: no input site
     if site:
         metadata["site"] = site
     run_config = path.parent / CONFIG  # a sparsify run's TrainConfig, beside the hookpoint folders
@@ -249,7 +262,7 @@ def from_sparsify(cfg: dict[str, Any], weights: dict[str, Tensor], path: Path) -
         model_name = json.loads(run_config.read_text()).get("model")
         if model_name:
             metadata["model"] = str(model_name)
-    return "topk", state, metadata
+    return ("skip_transcoder" if skip else "transcoder") if transcode else "topk", state, metadata
 
 
 def sparsify_site(hookpoint: str) -> str | None:
@@ -262,9 +275,10 @@ def sparsify_site(hookpoint: str) -> str | None:
 
 
 def to_sparsify(model) -> tuple[dict[str, Any], dict[str, Tensor]]:
-    if model.cfg.architecture != "topk":
+    if model.cfg.architecture not in SPARSIFY_ARCHITECTURES:
         raise ValueError(
-            f"sparsify stores TopK SAEs only; save this {model.cfg.architecture} SAE with format='saelens' or the native format"
+            f"sparsify stores TopK SAEs and transcoders only; save this {model.cfg.architecture} SAE with "
+            "format='saelens' or the native format"
         )
     state = model.folded_state_dict()
     n, d = state["W_enc"].shape
@@ -275,12 +289,15 @@ def to_sparsify(model) -> tuple[dict[str, Any], dict[str, Tensor]]:
         "num_latents": n,
         "k": model.cfg.k,
         "multi_topk": False,
-        "skip_connection": False,
-        "transcode": False,
+        "skip_connection": "W_skip" in state,
+        "transcode": model.predicts_target,
         "d_in": d,
         OUR_KEY: our_fields(model),
     }
+    # The folded state reads raw activations (a transcoder's input_mean is folded into b_enc).
     weights = {"encoder.weight": state["W_enc"], "encoder.bias": state["b_enc"], "W_dec": state["W_dec"], "b_dec": state["b_dec"]}
+    if "W_skip" in state:
+        weights["W_skip"] = state["W_skip"]
     return cfg, weights
 
 

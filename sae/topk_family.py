@@ -21,7 +21,7 @@ class TopKFamilySAE(BaseSAE):
 
     def decode_sparse(self, vals: Tensor, idx: Tensor) -> Tensor:
         x_hat = kernels.sparse_decode(vals, idx, self.W_dec, self.b_dec, backend=self.cfg.kernel_backend)
-        return x_hat / self.input_scale
+        return x_hat / self.output_scale
 
     def encode(self, x: Tensor) -> Tensor:
         return kernels.to_dense(self.encode_sparse(x), self.cfg.n_latents)
@@ -57,17 +57,22 @@ class TopKFamilySAE(BaseSAE):
     def sparse_output(
         self, x: Tensor, vals: Tensor, idx: Tensor, aux: kernels.SparseCodes | None = None
     ) -> SAEOutput:
-        """Loss = FVU of the reconstruction + aux_coeff · AuxK loss.
+        """Loss = FVU of the reconstruction + aux_coeff · AuxK loss."""
+        return self.scored_output(x, self.decode_sparse(vals, idx), vals, idx, aux)
 
-        The AuxK target is the main reconstruction's error, detached: no gradient flows back
-        through it into the live latents.
+    def scored_output(
+        self, x: Tensor, x_hat: Tensor, vals: Tensor, idx: Tensor, aux: kernels.SparseCodes | None = None
+    ) -> SAEOutput:
+        """Loss = FVU of x_hat against x (a transcoder's x is its target) + aux_coeff · AuxK loss.
+
+        The AuxK target is the main output's error, detached: no gradient flows back through it
+        into the live latents.
         """
-        x_hat = self.decode_sparse(vals, idx)
         parts = {"fvu": fvu(x, x_hat)}
         loss = parts["fvu"]
         if aux is not None:
             err_hat = kernels.sparse_decode(aux.values, aux.indices, self.W_dec, None, backend=self.cfg.kernel_backend)
-            parts["auxk"] = fvu((x - x_hat).detach(), err_hat / self.input_scale)
+            parts["auxk"] = fvu((x - x_hat).detach(), err_hat / self.output_scale)
             loss = loss + self.cfg.aux_coeff * parts["auxk"]
         active = vals != 0
         fired_idx = idx[active]

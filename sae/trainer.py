@@ -94,12 +94,15 @@ class Trainer:
         return self.lr * factor
 
     @torch.no_grad()
-    def initialize(self, x: Tensor) -> None:
-        """Data-dependent initialisation from the first batch: input scale, b_dec, then whatever the
-        architecture sets from its pre-activations (`BaseSAE.initialize_from_batch`)."""
+    def initialize(self, x: Tensor, target: Tensor | None = None) -> None:
+        """Data-dependent initialisation from the first batch: input scale (and a transcoder's
+        target scale), b_dec, then whatever the architecture sets from its pre-activations
+        (`BaseSAE.initialize_from_batch`)."""
         if self.cfg.normalize_inputs:
             self.model.input_scale.fill_(self.model.cfg.d_in**0.5 / x.norm(dim=-1).mean().clamp_min(1e-8))
-        scaled = x * self.model.input_scale
+            if target is not None:
+                self.model.target_scale.fill_(self.model.cfg.d_in**0.5 / target.norm(dim=-1).mean().clamp_min(1e-8))
+        scaled = (x if target is None else target) * self.model.output_scale
         if self.cfg.b_dec_init == "mean":
             self.model.b_dec.copy_(scaled.mean(dim=0))
         elif self.cfg.b_dec_init == "geometric_median":
@@ -109,16 +112,29 @@ class Trainer:
     def dead_mask(self) -> Tensor:
         return self.tokens_since_fired >= self.cfg.dead_tokens
 
-    def train_step(self, x: Tensor) -> None:
+    def train_step(self, x: Tensor, target: Tensor | None = None) -> None:
+        """One step on inputs x; a transcoder (`predicts_target`) also needs the target site's
+        activations of the same tokens."""
+        if self.model.predicts_target != (target is not None):
+            raise ValueError(
+                f"{self.name}: a {self.model.cfg.architecture} SAE "
+                + ("needs a target batch (the target site's activations)" if target is None else "takes no target batch")
+            )
         self.model.check_input(x)
         x = x.to(self.model.device, torch.float32)
+        extra = {}
+        if target is not None:
+            self.model.check_input(target)
+            if target.shape[0] != x.shape[0]:
+                raise ValueError(f"{self.name}: input and target batches differ in length ({x.shape[0]} vs {target.shape[0]})")
+            extra["target"] = target = target.to(self.model.device, torch.float32)
         self.mid_step = True
         ranks = self.data_parallel
         if self.step == 0:
-            self.initialize(x if ranks is None else ranks.gather_rows(x))
+            self.initialize(x if ranks is None else ranks.gather_rows(x), target)
         self.model.train()
         with batch_spans_ranks(ranks):
-            out = self.model.loss(x, dead_mask=self.dead_mask())
+            out = self.model.loss(x, dead_mask=self.dead_mask(), **extra)
             self.optimizer.zero_grad(set_to_none=True)
             out.loss.backward()
         if ranks is not None:
@@ -164,7 +180,8 @@ class Trainer:
 
     # -- the loop -----------------------------------------------------------------------------
     def fit(self, batches: Iterable[Tensor], progress: bool = True) -> BaseSAE:
-        """Train on any iterable of [B, d_in] tensors; returns the trained model."""
+        """Train on any iterable of [B, d_in] tensors (a transcoder: (input, target) pairs of
+        them); returns the trained model."""
         fit_many({self.name: self}, ({self.name: b} for b in batches), total_steps=_length(batches), progress=progress)
         return self.model
 
@@ -277,7 +294,8 @@ def fit_many(
                     for name, trainer in trainers.items():
                         if name not in batch:
                             raise KeyError(f"batch has no activations for {name!r}; it has {sorted(batch)}")
-                        trainer.train_step(batch[name])
+                        value = batch[name]  # a tensor, or (input, target) for a transcoder
+                        trainer.train_step(*value) if isinstance(value, tuple) else trainer.train_step(value)
                 rate = (first.tokens - tokens_at_start) / max(1e-9, time.perf_counter() - started)
                 bar.update(1)
                 bar.set_postfix(tokens_per_s=f"{rate:,.0f}", refresh=False)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import activations
-from activations.sites import KINDS
+from activations.sites import KINDS, site_name
 
 tl_bridge = pytest.importorskip("transformer_lens.model_bridge", reason="TransformerLens is the optional 'lens' extra")
 
@@ -30,7 +30,7 @@ def test_bridge_sites_equal_transformers_sites(pair, tiny_windows):
     lm, blm = pair
     assert blm.is_bridge and blm.n_layers == lm.n_layers and blm.d_model == lm.d_model
     ids = tiny_windows[:2]
-    sites = [f"blocks.{layer}.hook_{kind}" for layer in (0, 2) for kind in KINDS]
+    sites = [site_name(layer, kind) for layer in (0, 2) for kind in KINDS]
     ref, got = activations.harvest(lm, ids, sites), activations.harvest(blm, ids, sites)
     for s in sites:  # the bridge forces eager attention; HF uses sdpa: float-rounding differences only
         torch.testing.assert_close(got[s], ref[s], rtol=1e-5, atol=1e-5)

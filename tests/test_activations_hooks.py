@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import activations
-from activations.sites import KINDS
+from activations.sites import KINDS, site_name
 
 # Independent module paths per family (written out here, not taken from activations.sites).
 _PATHS = {
@@ -18,7 +18,7 @@ _PATHS = {
 
 
 def _all_sites(lm):
-    return [f"blocks.{layer}.hook_{kind}" for layer in range(lm.n_layers) for kind in KINDS]
+    return [site_name(layer, kind) for layer in range(lm.n_layers) for kind in KINDS]
 
 
 def _first(out):
@@ -62,6 +62,9 @@ def test_module_outputs_match_independent_hooks(tiny_family_lm, tiny_windows):
     for layer in range(lm.n_layers):
         b = f"blocks.{layer}.hook_"
         torch.testing.assert_close(acts[b + "resid_post"], acts[b + "resid_pre"] + acts[b + "attn_out"] + acts[b + "mlp_out"])
+        # mlp.hook_in is what the MLP reads: running the MLP on it gives mlp_out.
+        mlp = lm.model.get_submodule(mlp_path.format(layer))
+        torch.testing.assert_close(mlp(acts[f"blocks.{layer}.mlp.hook_in"]), acts[b + "mlp_out"], rtol=0, atol=0)
 
 
 @torch.no_grad()
@@ -119,9 +122,9 @@ def test_unknown_site_lists_valid_sites(tiny_lm, tiny_windows):
         with pytest.raises(ValueError) as err:
             activations.harvest(tiny_lm, tiny_windows[:1], [bad])
         message = str(err.value)
-        assert bad in message and "valid: blocks.{0..3}.hook_{resid_pre,resid_post,attn_out,mlp_out}" in message
+        assert bad in message and "valid: blocks.{0..3}.{hook_resid_pre,hook_resid_post,hook_attn_out,hook_mlp_out,mlp.hook_in}" in message
         assert len(message) < 200, "the valid sites are listed compactly, not one by one"
-    assert len(activations.valid_sites(tiny_lm)) == 4 * tiny_lm.n_layers
+    assert len(activations.valid_sites(tiny_lm)) == len(KINDS) * tiny_lm.n_layers
 
 
 def test_bad_input_ids_error(tiny_lm):
@@ -133,7 +136,7 @@ def test_bad_input_ids_error(tiny_lm):
 @torch.no_grad()
 def test_patch_changes_logits_and_identity_does_not(tiny_family_lm, tiny_windows, kind):
     lm, ids = tiny_family_lm, tiny_windows[:2]
-    site = f"blocks.1.hook_{kind}"
+    site = site_name(1, kind)
     base = activations.logits(lm, ids)
     with activations.patch_site(lm, site, lambda a: a):
         torch.testing.assert_close(activations.logits(lm, ids), base, rtol=0, atol=0)

@@ -107,8 +107,10 @@ def test_evaluate_identity_sae_end_to_end(tiny_lm, tmp_path):
 def test_every_architecture_evaluates(architecture, tiny_lm):
     torch.manual_seed(0)
     model = sae.create(sae.SAEConfig(architecture=architecture, d_in=tiny_lm.d_model, n_latents=96, k=8))
+    if model.predicts_target:  # a transcoder of layer 1's MLP
+        model.metadata = {"target_site": "blocks.1.hook_mlp_out"}
     report = analysis.evaluate(
-        model, tiny_lm, SITE, texts=activations.default_texts(limit=20), n_tokens=64, context_len=32,
+        model, tiny_lm, "blocks.1.mlp.hook_in" if model.predicts_target else SITE, texts=activations.default_texts(limit=20), n_tokens=64, context_len=32,
         absorption=False, probing=False, contrastive=False, split="all",
     )
     assert report["n_tokens"] == 2 * 31 and len(report["latent_density"]) == 96

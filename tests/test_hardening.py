@@ -124,7 +124,7 @@ def test_unknown_site_of_a_real_model_is_one_compact_line(tiny_lm, tmp_path):
     tiny_lm.model.save_pretrained(model_dir)
     tiny_lm.tokenizer.save_pretrained(model_dir)
     line = error_line(["train", "--model", str(model_dir), "--sites", "blocks.9.hook_resid_post", "--no-wandb"])
-    assert line.endswith("valid: blocks.{0..3}.hook_{resid_pre,resid_post,attn_out,mlp_out}")
+    assert line.endswith("valid: blocks.{0..3}.{hook_resid_pre,hook_resid_post,hook_attn_out,hook_mlp_out,mlp.hook_in}")
 
 
 def test_checkpoint_configs_must_state_their_defining_fields(tmp_path):

@@ -138,10 +138,26 @@ def test_we_read_what_sparsify_writes(tmp_path):
         close(ours(x), theirs(x).sae_out)
 
 
-@pytest.mark.parametrize("option", ["skip_connection", "transcode"])
-def test_sparsify_skip_and_transcoder_are_refused(tmp_path, option):
+def test_sparsify_skip_without_transcode_is_refused(tmp_path):
     sparsify = pytest.importorskip("sparsify", reason="eai-sparsify not installed (optional extra `interop`)")
-    theirs = sparsify.SparseCoder(D, sparsify.SparseCoderConfig(num_latents=N, k=K, **{option: True}))
+    theirs = sparsify.SparseCoder(D, sparsify.SparseCoderConfig(num_latents=N, k=K, skip_connection=True))
     theirs.save_to_disk(tmp_path / "layers.1")
-    with pytest.raises(ValueError, match=f"{option} checkpoints are not supported"):
+    with pytest.raises(ValueError, match="skip_connection checkpoints that are not transcoders are not supported"):
         sae.load(tmp_path / "layers.1")
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_sparsify_transcoders_both_ways(tmp_path, skip):
+    sparsify = pytest.importorskip("sparsify", reason="eai-sparsify not installed (optional extra `interop`)")
+    theirs = sparsify.SparseCoder(D, sparsify.SparseCoderConfig(num_latents=N, k=K, transcode=True, skip_connection=skip))
+    randomize(theirs)
+    theirs.save_to_disk(tmp_path / "layers.2.mlp")
+    ours = sae.load(tmp_path / "layers.2.mlp")
+    assert ours.predicts_target and ours.metadata == {"site": "blocks.2.mlp.hook_in", "target_site": "blocks.2.hook_mlp_out"}
+    x = torch.randn(300, D, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        close(ours(x), theirs(x).sae_out)
+    ours.save(tmp_path / "again", format="sparsify")
+    back = sparsify.SparseCoder.load_from_disk(tmp_path / "again")
+    with torch.no_grad():
+        close(back(x).sae_out, theirs(x).sae_out)

@@ -162,8 +162,7 @@ def write_sparsify(folder, model, **cfg_changes):
 
 
 @pytest.mark.parametrize("change,message", [
-    ({"skip_connection": True}, "skip_connection checkpoints are not supported"),
-    ({"transcode": True}, "transcode checkpoints are not supported"),
+    ({"skip_connection": True}, "skip_connection checkpoints that are not transcoders are not supported"),
     ({"activation": "groupmax"}, "groupmax"),
 ])
 def test_sparsify_unsupported_options_are_refused(tmp_path, change, message):
@@ -189,7 +188,7 @@ def test_sparsify_run_folder_asks_for_a_hookpoint(tmp_path):
 
 @pytest.mark.parametrize("arch", ["relu", "jumprelu", "batchtopk"])
 def test_sparsify_refuses_non_topk(tmp_path, arch):
-    with pytest.raises(ValueError, match="sparsify stores TopK SAEs only"):
+    with pytest.raises(ValueError, match="sparsify stores TopK SAEs and transcoders only"):
         trained(arch).save(tmp_path / "sp", format="sparsify")
     assert not (tmp_path / "sp").exists()
 

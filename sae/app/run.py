@@ -7,6 +7,7 @@ import secrets
 import shutil
 import time
 import warnings
+from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -16,7 +17,7 @@ import torch
 import activations
 import analysis
 import atomicfs
-from sae import create, distributed
+from sae import create, distributed, registry
 from sae.app import layer_groups, parallel
 from sae.app.data import DataSource, from_activations, from_model, is_site, resolve_device
 from sae.config import SAEConfig, TrainConfig
@@ -33,6 +34,9 @@ class DataConfig:
     sites: list[str] | None = None
     """Hook sites, one SAE each (e.g. blocks.15.hook_resid_post); None: the middle layer's resid_post.
     With a tensor file: the tensors to use, or the site of its single tensor."""
+    target_sites: list[str] | None = None
+    """Transcoders only: the site each of `sites` predicts, in the same order (e.g.
+    blocks.5.hook_mlp_out for blocks.5.mlp.hook_in); read in the same forward pass or cache."""
     activations: str | None = None
     """Train on saved activations instead of running a model: a .safetensors file of [N, d]
     tensors (named by site, or a single tensor) or a directory written by `sae cache`."""
@@ -157,12 +161,33 @@ def default_run_name() -> str:
 def open_source(data: DataConfig, seed: int) -> DataSource:
     device = resolve_device(data.device)
     sites = layer_groups.member_sites(data.layers, data.layer_groups, data.sites)
+    sites = sites and list(dict.fromkeys(sites + (data.target_sites or [])))
     if data.activations:
         return from_activations(data.activations, sites, data.batch_size, data.n_tokens, seed, data.model)
     return from_model(
         data.model, sites, data.texts, data.context_len, data.batch_size, data.n_tokens, seed, device,
         data.chat, data.sequential,
     )
+
+
+def transcoder_targets(architecture: str, data: DataConfig) -> dict[str, str]:
+    """{input site: target site} for a transcoder run, {} otherwise; one-line errors on a mismatch."""
+    if not registry.get(architecture).predicts_target:
+        if data.target_sites:
+            raise ValueError(f"--target-sites is for transcoders; a {architecture} SAE reconstructs its own site")
+        return {}
+    if not data.sites or not data.target_sites or len(data.sites) != len(data.target_sites):
+        raise ValueError(
+            f"a {architecture} reads one site and predicts another: pass --sites and --target-sites of the same "
+            "length, e.g. --sites blocks.5.mlp.hook_in --target-sites blocks.5.hook_mlp_out"
+        )
+    return dict(zip(data.sites, data.target_sites))
+
+
+def with_targets(batches: Iterator[dict], targets: dict[str, str]) -> Iterator[dict]:
+    """A transcoder's batches: {input site: (input, target)} from {site: activations}."""
+    for batch in batches:
+        yield {site: (batch[site], batch[target]) for site, target in targets.items()}
 
 
 def site_folders(sites: list[str]) -> dict[str, str]:
@@ -218,6 +243,9 @@ def _train_locked(
     main = ranks is None or ranks.is_main
     if main and not resume and (out_dir / RUN_CONFIG).is_file():
         raise ValueError(f"{out_dir} already holds a run; continue it with --resume {out_dir} or choose another --out-dir")
+    targets = transcoder_targets(sae_cfg.get("architecture", "topk"), data)
+    if targets and (ranks is not None or data.layer_groups):
+        raise ValueError("transcoders train in one process and without --layer-groups")
     if ranks is None:
         source = open_source(data, train_cfg.seed)
     else:
@@ -231,14 +259,17 @@ def _train_locked(
         )
         data = replace(data, layer_groups=grouping.spec)  # the groups chosen: a resume reuses them
         print(f"layer groups ({grouping.record['spec']}): {', '.join(grouping.groups)}", flush=True)
-    folders = site_folders(list(source.widths))
+    widths = {site: source.widths[site] for site in targets} if targets else source.widths
+    folders = site_folders(list(widths))
     device = resolve_device(data.device) if ranks is None else ranks.device
     torch.manual_seed(train_cfg.seed)
     models = {}
-    for site, d in source.widths.items():
+    for site, d in widths.items():
         models[site] = create(SAEConfig(d_in=d, n_latents=run.n_latents or run.expansion_factor * d, **sae_cfg)).to(device)
         members = source.members.get(site)
         site_meta = {"site": members[0], "sites": members} if members else {"site": site} if is_site(site) else {"tensor": site}
+        if site in targets:
+            site_meta["target_site" if is_site(targets[site]) else "target_tensor"] = targets[site]
         models[site].metadata = {**source.provenance, **site_meta}
     models = {site: models[site] for site in parallel.owned_sites(list(models), ranks, run.distribute_sites)}
     data_parallel = ranks if ranks is not None and not run.distribute_sites else None
@@ -280,6 +311,8 @@ def _train_locked(
         if resume and source.continue_at is not None:  # skip what the checkpoints saw without recomputing it
             batches, first_batch = source.continue_at(out_dir, next(iter(trainers.values())).step)
         on_saved = None if source.save_position is None else lambda step: source.save_position(out_dir, step)
+        if targets:
+            batches = with_targets(batches, targets)
         fit_many(trainers, batches, progress=main, first_batch=first_batch, on_saved=on_saved)
     finally:
         if logger is not None:

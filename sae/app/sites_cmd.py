@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 
 from activations import LanguageModel, load_model
-from activations.sites import KINDS, Site, decoder_layers, site_module
+from activations.sites import INPUT_KINDS, KINDS, SUFFIXES, Site, decoder_layers, site_module, site_name
 
 
 def site_modules(lm: LanguageModel) -> dict[str, str]:
@@ -16,11 +16,11 @@ def site_modules(lm: LanguageModel) -> dict[str, str]:
     found = {}
     for kind in KINDS:
         try:
-            modules = [site_module(model, Site(f"blocks.{layer}.hook_{kind}", layer, kind)) for layer in range(lm.n_layers)]
+            modules = [site_module(model, Site(site_name(layer, kind), layer, kind)) for layer in range(lm.n_layers)]
         except ValueError as err:
             found[kind] = f"unavailable: {err}"
             continue
-        where = "input of" if kind == "resid_pre" else "output of"
+        where = "input of" if kind in INPUT_KINDS else "output of"
         found[kind] = f"{where} {layers}.{{L}}{names[id(modules[0])][len(layers) + 2:]}"
     return found
 
@@ -33,10 +33,10 @@ def run(args: argparse.Namespace) -> int:
     modules = site_modules(lm)
     if args.names:
         available = [kind for kind in KINDS if not modules[kind].startswith("unavailable")]
-        lines = [f"blocks.{layer}.hook_{kind}" for layer in range(lm.n_layers) for kind in available]
+        lines = [site_name(layer, kind) for layer in range(lm.n_layers) for kind in available]
     else:
         lines = [f"{lm.name}: {lm.n_layers} layers, d_model {lm.d_model}"]
-        lines += [f"  blocks.{{0..{lm.n_layers - 1}}}.hook_{kind:<12} {where}" for kind, where in modules.items()]
+        lines += [f"  blocks.{{0..{lm.n_layers - 1}}}.{SUFFIXES[kind]:<17} {where}" for kind, where in modules.items()]
     print("\n".join(lines))
     return 0
 
