@@ -18,7 +18,8 @@ reports:
 Data: an activation cache (``--cache``, default /work/data/cache-l15, written by
 ``sae cache``); without one, synthetic correlated Gaussian activations (``--synthetic`` forces
 them). The machine's load average is recorded: on a shared machine only the ratios measured
-in one run mean anything.
+in one run mean anything, and ``--threads 1 --clock cpu`` (CPU time instead of wall time)
+keeps them steady.
 
     python benchmarks/gemm_bound.py                 # B=4096 d=576 n=9216 k=32, 2 threads, ~1 min
     python benchmarks/gemm_bound.py --quick         # tiny shapes (a smoke test)
@@ -68,10 +69,14 @@ def load_data(args, n_rows: int) -> tuple[torch.Tensor, dict]:
     return x, {"source": "synthetic (correlated Gaussian)"}
 
 
-def timed(fn) -> float:
-    start = time.perf_counter()
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def timed(fn, clock: str = "wall") -> float:
+    now = CLOCKS[clock]
+    start = now()
     fn()
-    return time.perf_counter() - start
+    return now() - start
 
 
 # -- the per-phase profile -------------------------------------------------------------------
@@ -157,8 +162,8 @@ def run(args) -> dict:
         gemm()
     gemm_s, step_s = [], []
     for i, x in enumerate(batches[args.warmup: args.warmup + args.steps]):
-        gemm_s.append(timed(gemm))  # alternate, so both see the same load
-        step_s.append(timed(lambda: trainer.train_step(x)))
+        gemm_s.append(timed(gemm, args.clock))  # alternate, so both see the same load
+        step_s.append(timed(lambda: trainer.train_step(x), args.clock))
         log(f"step {i + 1}/{args.steps}: gemm {gemm_s[-1] * 1e3:.0f} ms, step {step_s[-1] * 1e3:.0f} ms")
     load_end = os.getloadavg()
 
@@ -174,7 +179,7 @@ def run(args) -> dict:
     return {
         "benchmark": "gemm_bound: TopK SAE training step vs its encoder forward GEMM, same process",
         "config": {"batch_size": args.batch_size, "d_in": d, "n_latents": args.n_latents, "k": args.k,
-                   "threads": args.threads, "warmup_steps": args.warmup, "timed_steps": args.steps,
+                   "threads": args.threads, "clock": args.clock, "warmup_steps": args.warmup, "timed_steps": args.steps,
                    "profile_steps": args.profile_steps, "dead_tokens": args.dead_tokens, "seed": args.seed,
                    "lr": trainer.lr, "lr_schedule": "constant", "data": data_info, "torch": torch.__version__},
         "load_average": {"start": [round(v, 2) for v in load_start], "end": [round(v, 2) for v in load_end],
@@ -204,6 +209,8 @@ def main(argv=None) -> None:
     p.add_argument("--k", type=int, default=32)
     p.add_argument("--d-in", type=int, default=576, help="width of synthetic data (a cache sets its own)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--clock", choices=list(CLOCKS), default="wall",
+                   help="wall time, or this process's CPU time (with --threads 1, robust on a busy machine)")
     p.add_argument("--dead-tokens", type=int, default=sae.TrainConfig.dead_tokens,
                    help="tokens without firing before a latent is dead and gets AuxK (small: AuxK runs every step)")
     p.add_argument("--eval-tokens", type=int, default=4096, help="held-out tokens for the FVU")
