@@ -64,26 +64,24 @@ def topk(x, w_enc, b_enc, k, signed=False, aux_k=0, dead_mask=None):
     """Per-row top ``k``: of ``relu(pre)``, or by ``|pre|`` keeping the sign (``signed``).
 
     With ``aux_k``, also the top ``aux_k`` ReLU'd pre-activations among ``dead_mask`` latents
-    (from the same GEMM); returns ``(vals, idx, aux_vals, aux_idx)``. Where fewer than
-    ``aux_k`` latents are dead, the extra entries are padding: value 0, latent 0.
+    (from the same GEMM); returns ``(vals, idx, aux_vals, aux_idx)``. ``aux_k`` must not
+    exceed the number of dead latents.
     """
     n_rows = x.shape[0]
     dtype = torch.result_type(x, w_enc)
     vals, idx = _empty(x, n_rows, k, dtype)
     aux_vals, aux_idx = _empty(x, n_rows, aux_k, dtype)
-    dead = None if dead_mask is None else dead_mask.nonzero().flatten()
-    n_aux = 0 if dead is None else min(aux_k, dead.numel())
-    aux_vals[:, n_aux:], aux_idx[:, n_aux:] = 0, 0
+    dead = dead_mask.nonzero().flatten() if aux_k else None
     for s, e, pre in preacts(x, w_enc, b_enc):
         if signed:
             i = pre.abs().topk(k, dim=1).indices
             vals[s:e], idx[s:e] = pre.gather(1, i), i
         else:
             vals[s:e], idx[s:e] = top_k_rows(pre, k)
-        if n_aux:
+        if aux_k:
             # only the dead latents' columns compete (a few percent of them, once training runs)
-            aux_vals[s:e, :n_aux], local = top_k_rows(pre.index_select(1, dead), n_aux)
-            aux_idx[s:e, :n_aux] = dead[local]
+            aux_vals[s:e], local = top_k_rows(pre.index_select(1, dead), aux_k)
+            aux_idx[s:e] = dead[local]
     if not signed:
         vals.relu_()
     aux_vals.relu_()
