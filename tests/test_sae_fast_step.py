@@ -54,3 +54,24 @@ def test_clip_grad_norm_matches_torch(max_norm):
     clip_grad_norm(params, max_norm)
     for p, c in zip(params, copies):
         assert torch.equal(p.grad, c.grad)
+
+
+def test_gemm_bound_benchmark_runs_small(capsys):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gemm_bound.py"
+    spec = importlib.util.spec_from_file_location("gemm_bound", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    threads = torch.get_num_threads()
+    try:
+        bench.main(["--quick", "--profile-steps", "1", "--threads", "1"])
+    finally:
+        torch.set_num_threads(threads)
+    result = json.loads(capsys.readouterr().out)
+    assert result["fraction_of_gemm_bound"] > 0 and 0 < result["fvu_heldout"] < 2
+    phases = result["phases_ms"]
+    assert {"encode GEMM", "top-k selection", "optimiser (Adam, zero_grad)"} <= set(phases)
+    assert phases.get("other", 0) < 0.5 * result["profiled_step_ms"]
