@@ -159,9 +159,9 @@ def topk_encode_with_aux(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tens
 
     The second result is the top ``aux_k`` ReLU'd pre-activations among latents where
     ``dead_mask`` (bool ``[n_latents]``) is True: what an AuxK loss decodes, without a second
-    ``x @ W_enc.T``. Where fewer than ``aux_k`` latents are dead, or their pre-activations
-    are <= 0, the extra entries have value 0 and no gradient. ``aux_k`` is clamped to
-    ``n_latents``.
+    ``x @ W_enc.T``. Its width is ``aux_k`` clamped to the number of dead latents (so no
+    padding is decoded and differentiated); entries whose pre-activation is <= 0 have value
+    0 and no gradient.
     """
     n = _check_encoder(x, W_enc, b_enc, k)
     if dead_mask.dtype != torch.bool or tuple(dead_mask.shape) != (n,):
@@ -169,7 +169,7 @@ def topk_encode_with_aux(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tens
                          f"got {dead_mask.dtype} {tuple(dead_mask.shape)}")
     if aux_k < 0:
         raise ValueError(f"aux_k must be >= 0, got {aux_k}")
-    return _encode(x, W_enc, b_enc, "topk", k, min(aux_k, n), dead_mask, backend)
+    return _encode(x, W_enc, b_enc, "topk", k, min(aux_k, int(dead_mask.sum())), dead_mask, backend)
 
 
 def sparse_decode(vals: torch.Tensor, idx: torch.Tensor, W_dec: torch.Tensor,

@@ -41,7 +41,9 @@ def check_input(x: Tensor, d_in: int) -> None:
             f"expected activations of shape [batch, d_in={d_in}], got {tuple(x.shape)}; "
             "flatten batch and sequence dims and check the SAE was built for this site"
         )
-    if not torch.isfinite(x).all():
+    # One sum is cheaper than an elementwise check and is finite when every entry is (unless
+    # it overflows, which the exact check below then clears).
+    if not torch.isfinite(x.sum()) and not torch.isfinite(x).all():
         bad = (~torch.isfinite(x)).any(dim=-1).nonzero().flatten()[:5].tolist()
         raise ValueError(
             f"activations contain NaN or inf (rows {bad}...); check the model's dtype (fp16 overflow) "
@@ -144,10 +146,13 @@ class BaseSAE(nn.Module):
     @torch.no_grad()
     def remove_parallel_grads(self) -> None:
         """Drop the gradient part along each decoder row, which renormalising would undo anyway."""
-        if self.W_dec.grad is None:
+        grad, w = self.W_dec.grad, self.W_dec
+        if grad is None:
             return
-        w = self.W_dec / self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-8)
-        self.W_dec.grad -= (self.W_dec.grad * w).sum(dim=-1, keepdim=True) * w
+        # g -= (g.w / |w|^2) w, in place and with row-chunked dot products: an [n_latents, d_in]
+        # temporary is a fresh allocation whose page faults cost more than the arithmetic on CPU.
+        dots = torch.cat([torch.linalg.vecdot(g, v) for g, v in zip(grad.split(1024), w.split(1024))])
+        grad.addcmul_(w, (dots / w.norm(dim=-1).clamp_min(1e-8).square()).unsqueeze(1), value=-1)
 
     @torch.no_grad()
     def folded_state_dict(self) -> dict[str, Tensor]:

@@ -15,16 +15,15 @@ class TopKSAE(TopKFamilySAE):
 
     def encode_sparse(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """The k kept codes as (values, latent indices), each [N, k]."""
-        return tuple(
-            kernels.topk_encode(self.centered(x), self.W_enc, self.b_enc, self.cfg.k, backend=self.cfg.kernel_backend)
-        )
+        x_in, b_enc = self.encoder_input(x)
+        return tuple(kernels.topk_encode(x_in, self.W_enc, b_enc, self.cfg.k, backend=self.cfg.kernel_backend))
 
     def loss(self, x: Tensor, dead_mask: Tensor | None = None) -> SAEOutput:
         if dead_mask is None or not dead_mask.any():
             return self.sparse_output(x, *self.encode_sparse(x))
         # One GEMM serves both the main top-k and the AuxK selection among dead latents.
+        x_in, b_enc = self.encoder_input(x)
         main, aux = kernels.topk_encode_with_aux(
-            self.centered(x), self.W_enc, self.b_enc, self.cfg.k, self.cfg.effective_k_aux, dead_mask,
-            backend=self.cfg.kernel_backend,
+            x_in, self.W_enc, b_enc, self.cfg.k, self.cfg.effective_k_aux, dead_mask, backend=self.cfg.kernel_backend
         )
         return self.sparse_output(x, main.values, main.indices, aux)

@@ -19,6 +19,21 @@ class TopKFamilySAE(BaseSAE):
         """The active codes as (values, latent indices), each [N, K]; padding entries have value 0."""
         raise NotImplementedError
 
+    def encoder_input(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(input, bias) for the fused encoder, pre = input @ W_enc^T + bias: the values of
+        (centered(x), b_enc).
+
+        When x needs no gradient, the input is passed detached and b_dec's gradient through the
+        encoder, -W_enc^T · Σ_rows dL/dpre, rides on the bias as `shift.detach() - shift`, an exact
+        zero: the sparse backward then skips the input gradient (a gather of N·k encoder rows),
+        whose row sum is all b_dec needs. Saves ~3% of a training step on CPU.
+        """
+        x_centered = self.centered(x)
+        if x.requires_grad or not (torch.is_grad_enabled() and self.b_dec.requires_grad):
+            return x_centered, self.b_enc
+        shift = self.W_enc.detach() @ self.b_dec
+        return x_centered.detach(), self.b_enc + (shift.detach() - shift)
+
     def decode_sparse(self, vals: Tensor, idx: Tensor) -> Tensor:
         x_hat = kernels.sparse_decode(vals, idx, self.W_dec, self.b_dec, backend=self.cfg.kernel_backend)
         return x_hat / self.output_scale

@@ -209,12 +209,14 @@ def test_encode_aux_matches_reference():
     x = torch.randn(10, 13, generator=g, dtype=F64, requires_grad=True)
     dead = torch.zeros(37, dtype=torch.bool)
     dead[torch.randperm(37, generator=g)[:6]] = True
-    # aux_k (9) > number of dead latents (6): the extra entries have value 0 and no gradient
+    # aux_k (9) > number of dead latents (6): the AuxK codes are 6 wide, one per dead latent
     want = encode_case("reference", "topk", x, p, 5, aux_k=9, dead=dead)
     got = encode_case("torch", "topk", x, p, 5, aux_k=9, dead=dead)
     for a, b in zip(got, want):
         assert_close(a, b)
     assert (got[1][:, ~dead] == 0).all()
+    _, aux = kernels.topk_encode_with_aux(x, p["W_enc"], p["b_enc"], 5, 9, dead, backend="torch")
+    assert aux.values.shape == (10, 6) and set(aux.indices.unique().tolist()) <= set(dead.nonzero().flatten().tolist())
 
 
 @pytest.mark.parametrize("mode", ["topk", "abstopk", "batchtopk", "aux"])
