@@ -23,20 +23,9 @@ from torch import Tensor
 from .chat import Conversation, chat_token_ids, default_conversations, select_conversations
 from .hooks import harvest, token_mask
 from .model import LanguageModel
-from .text import HELDOUT_FRACTION, Split, default_texts, select_split
+from .text import HELDOUT_FRACTION, Split, default_texts, pad_samples, select_split
 
 Batch = dict[str, Tensor]
-
-
-def pad_samples(samples: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:
-    """Right-padded ids [N, T] (T the longest sample) and their attention mask (1 on real tokens)."""
-    width = max(len(s) for s in samples)
-    ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(samples), width), dtype=torch.long)
-    for i, s in enumerate(samples):
-        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-        mask[i, : len(s)] = 1
-    return ids, mask
 
 
 def sample_batches(

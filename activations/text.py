@@ -11,7 +11,7 @@ import json
 import os
 import re
 import sysconfig
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
@@ -224,13 +224,17 @@ def encode_texts(tokenizer: Any, texts: str | list[str], max_tokens: int | None 
         raise ValueError("encode_texts needs a string or a non-empty list of strings")
     bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
     rows = [bos + tokenizer.encode(t, add_special_tokens=False)[:max_tokens] for t in texts]
-    width = max(len(r) for r in rows)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[i, : len(r)] = 1
+    return pad_samples(rows, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+
+
+def pad_samples(samples: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    """Right-padded ids [N, T] (T the longest sample) and their attention mask (1 on real tokens)."""
+    width = max(len(s) for s in samples)
+    ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(samples), width), dtype=torch.long)
+    for i, s in enumerate(samples):
+        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, : len(s)] = 1
     return ids, mask
 
 
