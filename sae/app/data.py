@@ -186,18 +186,18 @@ def from_model(
                 "write the activations with `sae cache` and train from the cache"
             )
         source = (docs or activations.default_texts())[rank::world]
-    # The trainer shows its own bar; the stream shows only the shuffle buffer filling.
-    if chat or sequential or world > 1:  # resumed by replay: a saved position covers one process's text windows
-        stream = activations.stream(
+
+    def open_stream(position: activations.StreamPosition | None = None) -> Iterator[Batch]:
+        # The trainer shows its own bar; the stream shows only the shuffle buffer filling.
+        return activations.stream(
             lm, sites, texts=source, context_len=context_len, batch_size=batch_size, n_tokens=n_tokens, seed=seed,
-            progress=False, fill_progress=True, split="train", chat=chat, sequential=sequential,
+            progress=False, fill_progress=True, split="train", chat=chat, sequential=sequential, position=position,
         )
-        resume = {}
+
+    if chat or sequential or world > 1:  # resumed by replay: a saved position covers one process's text windows
+        stream, resume = open_stream(), {}
     else:
-        live = LiveStreamResume(lambda position: activations.stream(
-            lm, sites, texts=source, context_len=context_len, batch_size=batch_size, n_tokens=n_tokens, seed=seed,
-            progress=False, fill_progress=True, split="train", position=position,
-        ))
+        live = LiveStreamResume(open_stream)
         stream = live.batches
         resume = {"continue_at": live.continue_at, "save_position": live.save}
     provenance = {"model": lm.name, "text_split": "train", "heldout_fraction": str(activations.HELDOUT_FRACTION)}
