@@ -22,7 +22,7 @@ PREACT_CHUNK_ELEMS = 1 << 24
 _scratch = threading.local()
 
 
-def _chunk_buffer(rows, n, dtype, device):
+def chunk_buffer(rows, n, dtype, device):
     """A ``[rows, n]`` buffer for one chunk of pre-activations. On CPU it is kept (one per
     thread and dtype) and reused by the next call: glibc serves a fresh 64 MiB tensor from a
     new mmap whose pages fault in on first write, which measured ~15% of the encoder GEMM's
@@ -44,7 +44,7 @@ def preacts(x, w_enc, b_enc):
     is scratch: it is overwritten by the next chunk (and the next call), so use it in place."""
     n_rows, n = x.shape[0], w_enc.shape[0]
     step = min(n_rows, max(1, PREACT_CHUNK_ELEMS // max(1, n)))
-    buf = _chunk_buffer(step, n, torch.result_type(x, w_enc), x.device)
+    buf = chunk_buffer(step, n, torch.result_type(x, w_enc), x.device)
     for s in range(0, n_rows, step):
         e = min(n_rows, s + step)
         pre = buf[: e - s]

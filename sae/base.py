@@ -17,7 +17,8 @@ class SAEOutput:
     """What `BaseSAE.loss` returns: the total loss, its named parts, and what metrics need."""
 
     loss: Tensor
-    x_hat: Tensor
+    x_hat: Tensor | None
+    """The reconstruction (None from the trainer's fused CPU step, which never forms it)."""
     parts: dict[str, Tensor]
     fired: Tensor
     """Indices of the latents that fired anywhere in the batch (for dead-latent tracking)."""

@@ -26,6 +26,7 @@ from sae.checkpoint import (
     write_tensors,
 )
 from sae.config import TrainConfig
+from sae import fused_step
 from sae.distributed import Distributed, batch_spans_ranks
 from sae.logging import RunLogger
 from sae.registry import create
@@ -133,17 +134,24 @@ class Trainer:
         if self.step == 0:
             self.initialize(x if ranks is None else ranks.gather_rows(x), target)
         self.model.train()
-        with batch_spans_ranks(ranks):
-            out = self.model.loss(x, dead_mask=self.dead_mask(), **extra)
-            self.optimizer.zero_grad(set_to_none=True)
-            out.loss.backward()
-        if ranks is not None:
-            ranks.average_grads(self.model.parameters())
-            out = global_statistics(out, ranks)
-        if self.model.unit_norm_decoder:
-            self.model.remove_parallel_grads()
+        # Plain TopK on CPU: loss and gradients from native kernels in a few passes (identical
+        # gradients, decoder projection included); everything else goes through autograd.
+        fused = fused_step.loss_and_grads(self.model, x, self.dead_mask()) if ranks is None and not extra else None
+        grad_norm = None
+        if fused is not None:
+            out, grad_norm = fused
+        else:
+            with batch_spans_ranks(ranks):
+                out = self.model.loss(x, dead_mask=self.dead_mask(), **extra)
+                self.optimizer.zero_grad(set_to_none=True)
+                out.loss.backward()
+            if ranks is not None:
+                ranks.average_grads(self.model.parameters())
+                out = global_statistics(out, ranks)
+            if self.model.unit_norm_decoder:
+                self.model.remove_parallel_grads()
         if self.cfg.grad_clip > 0:
-            clip_grad_norm(list(self.model.parameters()), self.cfg.grad_clip)
+            clip_grad_norm(list(self.model.parameters()), self.cfg.grad_clip, grad_norm)
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(self.step)
         self.optimizer.step()
@@ -426,12 +434,14 @@ def _length(batches: Iterable) -> int | None:
         return None
 
 
-def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> None:
+def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float, norm: float | None = None) -> None:
     """`torch.nn.utils.clip_grad_norm_`, without its multiply by exactly 1.0 when the norm is
-    within the limit (almost every step): that saves a pass over all gradients."""
-    norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    within the limit (almost every step): that saves a pass over all gradients. `norm`: the
+    gradients' total norm if already known."""
+    if norm is None:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
     if norm + 1e-6 > max_norm:  # torch's coefficient max_norm / (norm + 1e-6) is then below 1
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, torch.as_tensor(norm))
 
 
 @torch.no_grad()
