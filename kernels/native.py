@@ -38,9 +38,9 @@ _P, _I, _F, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
 SIGNATURES = {
     "sae_topk_rows": ([_P, _I, _P, _I, _I, _I, _INT, _P, _P, _INT], _I),
     "sae_topk_cols": ([_P, _I, _P, _P, _I, _I, _I, _INT, _P, _P, _INT], _I),
-    "sae_decode_grad": ([_P, _P, _I, _I, _P, _I, _P, _P, _F, _F, _P, _P, _P, _P, _P, _INT], None),
     "sae_prepare": ([_P, _I, _I, _F, _P, _P, _INT], ctypes.c_double),
-    "sae_latent_grads": ([_I, _I, _I, _P, _P, _P, _I, _P, _P, _P, _P, _I, _P, _P, _P, _P, _P, _P, _P, _P, _INT], None),
+    "sae_topk_grads": ([_I, _I, _I, _P, _P, _P, _P, _I, _P, _P, _I, _P, _P, _P, _F, ctypes.c_double, _F, _INT,
+                        _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _INT], None),
 }
 
 
@@ -161,53 +161,56 @@ def topk_cols(pre: torch.Tensor, bias: torch.Tensor | None, cols: torch.Tensor, 
     return None if bad else (vals, idx)
 
 
+_scratch = threading.local()
+
+
+def scratch(name: str, *shape: int) -> torch.Tensor:
+    """A reused float32 buffer (one per thread and name): a fresh multi-MB tensor every step
+    costs page faults on first write."""
+    buffers = _scratch.__dict__.setdefault("buffers", {})
+    numel = 1
+    for size in shape:
+        numel *= size
+    buf = buffers.get(name)
+    if buf is None or buf.numel() < numel:
+        buf = buffers[name] = torch.empty(numel)
+    return buf[:numel].view(*shape)
+
+
 def prepare(x: torch.Tensor, scale: float, b_dec: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """``xc = x * scale - b_dec`` and the total variance ``sum_i |x_i - mean(x)|^2``."""
+    """``xc = x * scale - b_dec`` (a reused buffer, see ``scratch``) and the total variance
+    ``sum_i |x_i - mean(x)|^2``."""
     n_rows, d = x.shape
-    xc = torch.empty(n_rows, d)
+    xc = scratch("xc", n_rows, d)
     _check(x, b_dec)
     total = library().sae_prepare(x.data_ptr(), n_rows, d, scale, b_dec.data_ptr(), xc.data_ptr(), torch.get_num_threads())
     return xc, total
 
 
-def decode_grad(vals, idx, W, bias, target, inv_scale: float, coeff: float, want_resid: bool):
-    """Decode + squared-error loss + gradients (see ``sae_decode_grad``).
+def topk_grads(x, xc, main, aux, W_enc, W_dec, b_dec, inv_scale: float, total: float, aux_coeff: float, project: bool,
+               out: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]) -> dict:
+    """A TopK SAE's loss and gradients after the selection (see ``sae_topk_grads``).
 
-    Returns ``(sse, D, gsel, resid, dbias)``: ``sse`` the summed squared error (float),
-    ``D = dloss/d(decoder output before scaling)`` [N, d], ``gsel`` the selected values'
-    ReLU-masked gradients [N, K], ``resid = target - output`` [N, d] if asked, ``dbias = sum D``
-    if ``bias`` is given."""
-    n_rows, k = idx.shape
-    d = W.shape[1]
-    D = torch.empty(n_rows, d)
-    gsel = torch.empty(n_rows, k)
-    resid = torch.empty(n_rows, d) if want_resid else None
-    dbias = torch.empty(d) if bias is not None else None
-    row_sse = torch.empty(n_rows, dtype=torch.float64)
-    _check(vals, idx, W, bias, target)
-    library().sae_decode_grad(vals.data_ptr(), idx.data_ptr(), n_rows, k, W.data_ptr(), d, _ptr(bias),
-                              target.data_ptr(), inv_scale, coeff, D.data_ptr(), gsel.data_ptr(), _ptr(resid),
-                              _ptr(dbias), row_sse.data_ptr(), torch.get_num_threads())
-    return float(row_sse.sum()), D, gsel, resid, dbias
-
-
-def latent_grads(n: int, main, aux, xc, W_dec, out: tuple[torch.Tensor, torch.Tensor, torch.Tensor]):
-    """Per-latent gradients of the encoder and decoder over the selected entries (see
-    ``sae_latent_grads``). ``main``/``aux``: ``(idx, vals, gsel, D)``, aux may be None; ``xc`` the
-    encoder input [N, d]. Writes ``out = (dW_dec, dW_enc, db_enc)``; returns ``(fired_counts [n]
-    int64, sumsq [n] float64)``."""
-    idx, vals, gsel, D = main
-    n_rows = idx.shape[0]
-    if aux is None:
-        aux = (idx[:, :0], vals[:, :0], gsel[:, :0], D)
-    idx2, vals2, gsel2, D2 = (t.contiguous() for t in aux)
-    dW_dec, dW_enc, db_enc = out
-    d = dW_dec.shape[1]
+    ``main``/``aux``: ``(vals, idx)`` [N, K] (aux may be None). Writes ``out = (dW_dec, dW_enc,
+    db_enc, db_dec)`` and returns a dict: ``fired`` [n] int64, ``sumsq`` [n] float64 (each latent's
+    squared gradient norm), ``sse``, ``aux_sse``, ``aux_total``."""
+    n_rows, d = x.shape
+    n = W_dec.shape[0]
+    vals, idx = main
+    vals2, idx2 = aux if aux is not None else (vals[:, :0], idx[:, :0])
+    vals2, idx2 = vals2.contiguous(), idx2.contiguous()
+    dW_dec, dW_enc, db_enc, db_dec = out
     fired = torch.empty(n, dtype=torch.long)
     sumsq = torch.empty(n, dtype=torch.float64)
-    _check(idx, vals, gsel, D, idx2, vals2, gsel2, D2, xc, W_dec, dW_dec, dW_enc, db_enc)
-    library().sae_latent_grads(n, d, n_rows, idx.data_ptr(), vals.data_ptr(), gsel.data_ptr(), idx.shape[1], D.data_ptr(),
-                               idx2.data_ptr(), vals2.data_ptr(), gsel2.data_ptr(), idx2.shape[1], D2.data_ptr(),
-                               xc.data_ptr(), _ptr(W_dec), dW_dec.data_ptr(), dW_enc.data_ptr(), db_enc.data_ptr(),
-                               fired.data_ptr(), sumsq.data_ptr(), torch.get_num_threads())
-    return fired, sumsq
+    stats = torch.empty(3, dtype=torch.float64)
+    acc = scratch("acc", n_rows, d)
+    acc2, resid = (scratch("acc2", n_rows, d), scratch("resid", n_rows, d)) if idx2.shape[1] else (None, None)
+    _check(x, xc, vals, idx, vals2, idx2, W_enc, W_dec, b_dec, dW_dec, dW_enc, db_enc, db_dec)
+    library().sae_topk_grads(
+        n_rows, d, n, x.data_ptr(), xc.data_ptr(), vals.data_ptr(), idx.data_ptr(), idx.shape[1], vals2.data_ptr(),
+        idx2.data_ptr(), idx2.shape[1], W_enc.data_ptr(), W_dec.data_ptr(), b_dec.data_ptr(), inv_scale, total,
+        aux_coeff, int(project), dW_dec.data_ptr(), dW_enc.data_ptr(), db_enc.data_ptr(), db_dec.data_ptr(), fired.data_ptr(),
+        sumsq.data_ptr(), stats.data_ptr(), acc.data_ptr(), _ptr(acc2), _ptr(resid), torch.get_num_threads())
+    sse, aux_sse, aux_total = stats.tolist()
+    return {"fired": fired, "sumsq": sumsq, "sse": sse, "aux_sse": aux_sse,
+            "aux_total": aux_total}

@@ -82,25 +82,16 @@ def loss_and_grads(model: TopKSAE, x: Tensor, dead_mask: Tensor | None) -> tuple
                 return None
             aux_vals[s:e], aux_idx[s:e] = picked
 
-    sse, D, gsel, resid, db_dec = native.decode_grad(vals, idx, W_dec, b_dec, x, 1 / scale, 1 / total,
-                                                     want_resid=k_aux > 0)
-    parts = {"fvu": torch.tensor(sse / total)}
+    grads = tuple(_grad(p) for p in (model.W_dec, model.W_enc, model.b_enc, model.b_dec))
+    res = native.topk_grads(x, xc, (vals, idx), (aux_vals, aux_idx) if k_aux else None, W_enc, W_dec, b_dec, 1 / scale,
+                            total, cfg.aux_coeff, model.unit_norm_decoder, out=grads)
+    parts = {"fvu": torch.tensor(res["sse"] / total)}
     loss = parts["fvu"]
-    aux = None
     if k_aux:
-        aux_total = (resid - resid.mean(0)).pow(2).sum().clamp_min(torch.finfo(x.dtype).tiny)
-        aux_sse, D_aux, gsel_aux, _, _ = native.decode_grad(
-            aux_vals, aux_idx, W_dec, None, resid, 1 / scale, cfg.aux_coeff / float(aux_total), want_resid=False)
-        parts["auxk"] = torch.tensor(aux_sse / float(aux_total))
+        parts["auxk"] = torch.tensor(res["aux_sse"] / max(res["aux_total"], torch.finfo(torch.float32).tiny))
         loss = loss + cfg.aux_coeff * parts["auxk"]
-        aux = (aux_idx, aux_vals, gsel_aux, D_aux)
-
-    dW_dec, dW_enc, db_enc = _grad(model.W_dec), _grad(model.W_enc), _grad(model.b_enc)
-    fire_counts, sumsq = native.latent_grads(n, (idx, vals, gsel, D), aux, xc, W_dec if model.unit_norm_decoder else None,
-                                             out=(dW_dec, dW_enc, db_enc))
-    # b_dec also reaches the loss through the encoder's input xc = x * scale - b_dec
-    db_dec.sub_(W_enc.t() @ db_enc)
-    _grad(model.b_dec).copy_(db_dec)
+    db_dec = grads[3]
+    fire_counts, sumsq = res["fired"], res["sumsq"]
     grad_norm = float(sumsq.sum() + db_dec.double().pow(2).sum()) ** 0.5
     out = SAEOutput(
         loss=loss,
