@@ -527,4 +527,39 @@ void sae_topk_grads(i64 N, i64 d, i64 n, const float* x, const float* xc, const 
   stats[2] = v2;
 }
 
+// One Adam step (torch.optim.Adam's update: no weight decay, no amsgrad) on an [rows, d] parameter,
+// with its gradient multiplied by grad_scale (gradient clipping) first; with renorm, each row is
+// then scaled to unit norm (a decoder kept at unit norm), in the same pass over the row.
+// bias_correction1/2 = 1 - beta^step. Rows are split between threads.
+void sae_adam(float* p, const float* g, float* m, float* v, i64 rows, i64 d, float lr, float beta1, float beta2,
+              float eps, double bias_correction1, double bias_correction2, float grad_scale, int renorm, int threads) {
+  const float step_size = (float)(lr / bias_correction1);
+  const float bc2_sqrt = (float)std::sqrt(bias_correction2);
+  const float one_minus_b1 = 1.f - beta1, one_minus_b2 = 1.f - beta2;
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (i64 r = 0; r < rows; ++r) {
+    float* pr = p + r * d;
+    const float* gr = g + r * d;
+    float* mr = m + r * d;
+    float* vr = v + r * d;
+    float sq = 0.f;
+#pragma omp simd reduction(+ : sq)
+    for (i64 c = 0; c < d; ++c) {
+      const float grad = gr[c] * grad_scale;
+      const float mc = mr[c] + one_minus_b1 * (grad - mr[c]);
+      const float vc = beta2 * vr[c] + one_minus_b2 * grad * grad;
+      mr[c] = mc;
+      vr[c] = vc;
+      const float pc = pr[c] - step_size * mc / (std::sqrt(vc) / bc2_sqrt + eps);
+      pr[c] = pc;
+      sq += pc * pc;
+    }
+    if (renorm) {
+      const float inv = 1.f / std::max(std::sqrt(sq), 1e-8f);
+#pragma omp simd
+      for (i64 c = 0; c < d; ++c) pr[c] *= inv;
+    }
+  }
+}
+
 }  // extern "C"

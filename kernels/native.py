@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("native.cpp")
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-std=c++17", "-shared", "-fPIC"]
+FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-std=c++17", "-shared", "-fPIC"]
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
@@ -38,6 +38,7 @@ _P, _I, _F, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
 SIGNATURES = {
     "sae_topk_rows": ([_P, _I, _P, _I, _I, _I, _INT, _P, _P, _INT], _I),
     "sae_topk_cols": ([_P, _I, _P, _P, _I, _I, _I, _INT, _P, _P, _INT], _I),
+    "sae_adam": ([_P, _P, _P, _P, _I, _I, _F, _F, _F, _F, ctypes.c_double, ctypes.c_double, _F, _INT, _INT], None),
     "sae_prepare": ([_P, _I, _I, _F, _P, _P, _INT], ctypes.c_double),
     "sae_topk_grads": ([_I, _I, _I, _P, _P, _P, _P, _I, _P, _P, _I, _P, _P, _P, _F, ctypes.c_double, _F, _INT,
                         _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _INT], None),
@@ -214,3 +215,15 @@ def topk_grads(x, xc, main, aux, W_enc, W_dec, b_dec, inv_scale: float, total: f
     sse, aux_sse, aux_total = stats.tolist()
     return {"fired": fired, "sumsq": sumsq, "sse": sse, "aux_sse": aux_sse,
             "aux_total": aux_total}
+
+
+def adam(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, step: int, lr: float,
+         betas: tuple[float, float], eps: float, grad_scale: float = 1.0, renorm_rows: bool = False) -> None:
+    """One in-place Adam step (``torch.optim.Adam``'s, without weight decay or amsgrad; ``step``
+    counts this one) on a 1-D or 2-D parameter, its gradient scaled by ``grad_scale`` first;
+    ``renorm_rows`` then scales each row of the result to unit norm."""
+    _check(param, grad, exp_avg, exp_avg_sq)
+    rows, d = (1, param.numel()) if param.dim() == 1 else param.shape
+    beta1, beta2 = betas
+    library().sae_adam(param.data_ptr(), grad.data_ptr(), exp_avg.data_ptr(), exp_avg_sq.data_ptr(), rows, d, lr, beta1,
+                       beta2, eps, 1 - beta1**step, 1 - beta2**step, grad_scale, int(renorm_rows), torch.get_num_threads())

@@ -102,3 +102,30 @@ def loss_and_grads(model: TopKSAE, x: Tensor, dead_mask: Tensor | None) -> tuple
         fire_counts=fire_counts,
     )
     return out, grad_norm
+
+
+@torch.no_grad()
+def adam_step(optimizer: torch.optim.Optimizer, model: TopKSAE) -> bool:
+    """``optimizer.step()`` then ``model.after_step()`` (the decoder's rows back to unit norm) in
+    one native pass per parameter, on the optimizer's own state (so checkpoints and the autograd
+    path see the same Adam). False (nothing done) where they must run as they are: an optimizer
+    other than plain Adam, or parameters the native kernels do not take."""
+    if type(optimizer) is not torch.optim.Adam or len(optimizer.param_groups) != 1 or not native.available():
+        return False
+    group = optimizer.param_groups[0]
+    if group["weight_decay"] or group["amsgrad"] or group["maximize"] or group.get("capturable") or group.get("differentiable"):
+        return False
+    params = group["params"]
+    if any(p.grad is None or p.dtype != torch.float32 or p.device.type != "cpu" or not p.is_contiguous()
+           or not p.grad.is_contiguous() for p in params):
+        return False
+    for p in params:
+        state = optimizer.state[p]
+        if not state:  # what torch's Adam creates on its first step
+            state["step"] = torch.tensor(0.0)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["step"] += 1
+        native.adam(p.detach(), p.grad, state["exp_avg"], state["exp_avg_sq"], int(state["step"]), float(group["lr"]),
+                    group["betas"], group["eps"], renorm_rows=p is model.W_dec and model.unit_norm_decoder)
+    return True

@@ -154,8 +154,9 @@ class Trainer:
             clip_grad_norm(list(self.model.parameters()), self.cfg.grad_clip, grad_norm)
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(self.step)
-        self.optimizer.step()
-        self.model.after_step()
+        if fused is None or not fused_step.adam_step(self.optimizer, self.model):
+            self.optimizer.step()
+            self.model.after_step()
 
         n_tokens = x.shape[0] * (1 if ranks is None else ranks.world_size)
         self.step += 1
