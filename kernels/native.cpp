@@ -99,6 +99,23 @@ inline void prefetch_row(const float* row, i64 d) {
   for (i64 c = 0; c < d; c += 16) __builtin_prefetch(row + c);
 }
 
+#ifdef __AVX2__
+// LEFT_PACK[mask]: the lanes set in an 8-bit mask, first, for _mm256_permutevar8x32_ps.
+struct LeftPack {
+  int32_t lanes[256][8];
+  LeftPack() {
+    for (int mask = 0; mask < 256; ++mask) {
+      int n = 0;
+      for (int lane = 0; lane < 8; ++lane)
+        if (mask >> lane & 1) lanes[mask][n++] = lane;
+      while (n < 8) lanes[mask][n++] = 0;
+    }
+  }
+};
+const LeftPack LEFT_PACK_TABLE;
+const auto& LEFT_PACK = LEFT_PACK_TABLE.lanes;
+#endif
+
 // A float's order as an unsigned integer (NaN-free input).
 inline uint32_t ordered(float v) {
   uint32_t u;
@@ -169,20 +186,51 @@ bool top_k_row(const float* p, const float* bias, i64 n, i64 k, i64 L, bool relu
   }
   float t0 = gm[0];
   for (i64 g = 1; g < k; ++g) t0 = gm[g] < t0 ? gm[g] : t0;
-  i64 above = 0;
-  for (i64 c = 0; c < L; ++c) {
+  i64 above = 0, c = 0;
+#ifdef __AVX2__
+  for (const __m256 v0 = _mm256_set1_ps(t0); c + 8 <= L; c += 8) {  // left-pack the maxima >= t0
+    const __m256 v = _mm256_loadu_ps(m + c);
+    const int mask = _mm256_movemask_ps(_mm256_cmp_ps(v, v0, _CMP_GE_OQ));
+    _mm256_storeu_ps(small.data() + above, _mm256_permutevar8x32_ps(v, _mm256_loadu_si256(
+        reinterpret_cast<const __m256i*>(LEFT_PACK[mask]))));
+    above += __builtin_popcount(mask);
+  }
+#endif
+  for (; c < L; ++c) {
     small[above] = m[c];
     above += m[c] >= t0;
   }
   std::nth_element(small.begin(), small.begin() + (k - 1), small.begin() + above, std::greater<float>());
   const float t = small[k - 1];
+  i64 count = 0;
+#ifdef __AVX2__
+  if (L % 8 == 0 && n % L == 0) {
+    // for each 8 consecutive blocks holding a maximum >= t, the entries >= t in every segment
+    const __m256 vt = _mm256_set1_ps(t);
+    for (i64 g = 0; g < L; g += 8) {
+      if (!_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(m + g), vt, _CMP_GE_OQ))) continue;
+      for (i64 e = g; e < n; e += L) {
+        __m256 v = _mm256_loadu_ps(p + e);
+        if (bias) v = _mm256_add_ps(v, _mm256_loadu_ps(bias + e));
+        int mask = _mm256_movemask_ps(_mm256_cmp_ps(v, vt, _CMP_GE_OQ));
+        while (mask) {
+          const int bit = __builtin_ctz(mask);
+          mask &= mask - 1;
+          cand[count++] = key_of(p[e + bit] + (bias ? bias[e + bit] : 0.f), e + bit);
+        }
+      }
+    }
+    if (count < k) return false;
+    rank_top(cand.data(), count, k, relu, vals, idx);
+    return true;
+  }
+#endif
   i64 n_sel = 0;
   i64* sel = blocks.data();
-  for (i64 c = 0; c < L; ++c) {
-    sel[n_sel] = c;
-    n_sel += m[c] >= t;
+  for (i64 b = 0; b < L; ++b) {
+    sel[n_sel] = b;
+    n_sel += m[b] >= t;
   }
-  i64 count = 0;
   for (i64 s = 0; s < n_sel; ++s) {
     for (i64 e = sel[s]; e < n; e += L) {
       const float v = p[e] + (bias ? bias[e] : 0.f);
@@ -209,7 +257,7 @@ i64 sae_topk_rows(const float* pre, i64 ld, const float* bias, i64 n_rows, i64 n
   i64 bad = 0;
 #pragma omp parallel num_threads(threads) reduction(+ : bad)
   {
-    std::vector<float> bm(L), small(L);
+    std::vector<float> bm(L), small(L + 8);  // + 8: room for a vector store past the last entry
     std::vector<i64> blocks(L);
     std::vector<uint64_t> cand(n);  // worst case (ties at the threshold): the whole row
     cand.reserve(4 * k);
