@@ -8,7 +8,7 @@ runtime (the library is loaded after torch, and its ``libgomp.so.1`` resolves to
 loaded), so they share torch's threads instead of competing with them.
 
 The build needs ``c++`` (or ``$CXX``) with OpenMP; it takes ~2 s and is cached under
-``$SAE_TOOLKIT_CACHE`` (default ``~/.cache/sae-toolkit``)``/native/``, keyed by the source, the
+``$SAE_CACHE_DIR`` (default ``~/.cache/sae-toolkit``)``/native/``, keyed by the source, the
 flags, the compiler and the CPU. Without a compiler everything falls back to the torch path
 (one warning). ``SAE_NATIVE_KERNELS=0`` switches the native kernels off.
 """
@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("native.cpp")
-FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-std=c++17", "-shared", "-fPIC"]
+FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-std=c++17", "-fPIC"]
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
@@ -50,7 +50,7 @@ def enabled() -> bool:
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("SAE_TOOLKIT_CACHE") or Path.home() / ".cache" / "sae-toolkit"
+    root = os.environ.get("SAE_CACHE_DIR") or Path.home() / ".cache" / "sae-toolkit"
     return Path(root) / "native"
 
 
@@ -68,12 +68,21 @@ def _compiler() -> str | None:
     return shutil.which(cxx) or shutil.which("g++")
 
 
+def _torch_openmp() -> Path | None:
+    """The OpenMP runtime shipped inside torch's wheel, if any: the kernels link that very file,
+    so that the process holds one OpenMP runtime (two would fight over the cores)."""
+    found = sorted(Path(torch.__file__).parent.joinpath("lib").glob("libgomp*.so*"))
+    return found[0] if found else None
+
+
 def build(compiler: str, out_dir: Path) -> Path:
     """Compile ``native.cpp`` into ``out_dir`` (unless already there); returns the library path.
     The build writes a temporary file and renames it, so concurrent builds never see half a library."""
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+    gomp = _torch_openmp()
+    link = [] if gomp is None else [f"-L{gomp.parent}", f"-l:{gomp.name}", f"-Wl,-rpath,{gomp.parent}"]
     key = hashlib.sha256(
-        "\0".join([SOURCE.read_text(), " ".join(FLAGS), version, _cpu_signature()]).encode()
+        "\0".join([SOURCE.read_text(), " ".join(FLAGS + link), version, _cpu_signature()]).encode()
     ).hexdigest()[:16]
     path = out_dir / f"libsae_native-{key}.so"
     if path.is_file():
@@ -82,13 +91,19 @@ def build(compiler: str, out_dir: Path) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
     os.close(fd)
     try:
-        result = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=300)
-        if result.returncode != 0:
-            raise RuntimeError(f"{compiler} failed on {SOURCE.name}:\n{result.stderr[-2000:]}")
+        obj = tmp[:-3] + ".o"
+        steps = [[compiler, *FLAGS, "-c", str(SOURCE), "-o", obj]]
+        # link without -fopenmp when torch ships its runtime, which would add the system's libgomp
+        steps.append([compiler, "-shared", obj, "-o", tmp, *(link or ["-fopenmp"])])
+        for cmd in steps:
+            result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+            if result.returncode != 0:
+                raise RuntimeError(f"{' '.join(cmd)} failed:\n{result.stderr[-2000:]}")
         os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        for leftover in (tmp, tmp[:-3] + ".o"):
+            if os.path.exists(leftover):
+                os.unlink(leftover)
     return path
 
 

@@ -20,6 +20,8 @@ hands the step back to autograd, which then fails or propagates it exactly as be
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -31,11 +33,20 @@ from sae.topk import TopKSAE
 PREACT_LIMIT = 1 << 26
 
 
+# What the fused step stands in for; a class whose methods differ (a subclass, a patched method)
+# takes the autograd path.
+_LOSS, _REMOVE_PARALLEL, _AFTER_STEP = TopKSAE.loss, TopKSAE.remove_parallel_grads, TopKSAE.after_step
+
+
 def applies(model, x: Tensor) -> bool:
     params = (model.W_enc, model.b_enc, model.W_dec, model.b_dec)
     return (
         type(model) is TopKSAE
+        and type(model).loss is _LOSS
+        and type(model).remove_parallel_grads is _REMOVE_PARALLEL
         and model.cfg.kernel_backend in ("auto", "torch")
+        and x.dim() == 2
+        and x.shape[1] == model.cfg.d_in
         and x.device.type == "cpu"
         and x.dtype == torch.float32
         and all(p.dtype == torch.float32 and p.requires_grad for p in params)
@@ -63,6 +74,8 @@ def loss_and_grads(model: TopKSAE, x: Tensor, dead_mask: Tensor | None) -> tuple
     W_enc, b_enc, W_dec, b_dec = (p.detach() for p in (model.W_enc, model.b_enc, model.W_dec, model.b_dec))
     scale = float(model.input_scale)
     xc, total = native.prepare(x, scale, b_dec)
+    if not math.isfinite(total):  # NaN or inf in x: the autograd path's input check reports it
+        return None
     total = max(total, torch.finfo(x.dtype).tiny)
 
     dead = dead_mask.nonzero().flatten() if dead_mask is not None and dead_mask.any() else None
@@ -110,7 +123,8 @@ def adam_step(optimizer: torch.optim.Optimizer, model: TopKSAE) -> bool:
     one native pass per parameter, on the optimizer's own state (so checkpoints and the autograd
     path see the same Adam). False (nothing done) where they must run as they are: an optimizer
     other than plain Adam, or parameters the native kernels do not take."""
-    if type(optimizer) is not torch.optim.Adam or len(optimizer.param_groups) != 1 or not native.available():
+    if (type(optimizer) is not torch.optim.Adam or len(optimizer.param_groups) != 1 or not native.available()
+            or type(model).after_step is not _AFTER_STEP):
         return False
     group = optimizer.param_groups[0]
     if group["weight_decay"] or group["amsgrad"] or group["maximize"] or group.get("capturable") or group.get("differentiable"):

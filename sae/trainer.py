@@ -121,7 +121,10 @@ class Trainer:
                 f"{self.name}: a {self.model.cfg.architecture} SAE "
                 + ("needs a target batch (the target site's activations)" if target is None else "takes no target batch")
             )
-        self.model.check_input(x)
+        ranks = self.data_parallel
+        fusable = ranks is None and target is None and self.step > 0
+        if not fusable:  # the fused step checks the values itself, in a pass it makes anyway
+            self.model.check_input(x)
         x = x.to(self.model.device, torch.float32)
         extra = {}
         if target is not None:
@@ -129,14 +132,16 @@ class Trainer:
             if target.shape[0] != x.shape[0]:
                 raise ValueError(f"{self.name}: input and target batches differ in length ({x.shape[0]} vs {target.shape[0]})")
             extra["target"] = target = target.to(self.model.device, torch.float32)
+        # Plain TopK on CPU: loss and gradients from native kernels in a few passes (identical
+        # gradients, decoder projection included), changing nothing if it declines (None);
+        # everything else goes through autograd.
+        fused = fused_step.loss_and_grads(self.model, x, self.dead_mask()) if fusable else None
+        if fused is None and fusable:
+            self.model.check_input(x)
         self.mid_step = True
-        ranks = self.data_parallel
         if self.step == 0:
             self.initialize(x if ranks is None else ranks.gather_rows(x), target)
         self.model.train()
-        # Plain TopK on CPU: loss and gradients from native kernels in a few passes (identical
-        # gradients, decoder projection included); everything else goes through autograd.
-        fused = fused_step.loss_and_grads(self.model, x, self.dead_mask()) if ranks is None and not extra else None
         grad_norm = None
         if fused is not None:
             out, grad_norm = fused
