@@ -70,6 +70,9 @@ def load_data(args, n_rows: int) -> tuple[torch.Tensor, dict]:
 
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+PATHS = {"fused": "auto", "autograd": "torch"}
+"""The trainer's two CPU paths, by kernel_backend: the native fused TopK step (auto) and the torch
+ops under autograd (torch)."""
 
 
 def timed(fn, clock: str = "wall") -> float:
@@ -83,6 +86,11 @@ def timed(fn, clock: str = "wall") -> float:
 # Each profiled op's self time goes to the first phase whose marker appears in its chain of
 # enclosing profiler events (ops, autograd nodes, Python frames), checked in this order.
 PHASES = [
+    ("encode GEMM", ("fused: encode GEMM",)),
+    ("top-k selection", ("fused: top-k",)),
+    ("encoder input and total variance", ("fused: encoder input",)),
+    ("decode, loss and all gradients (native)", ("fused: loss and gradients",)),
+    ("optimiser and decoder renormalisation (native)", ("fused: Adam",)),
     ("backward: encoder (sparse dx, dW_enc, db_enc)", ("SparseEncodeBackward",)),
     ("backward: decoder (sparse dvals, dW_dec)", ("SparseDecodeBackward",)),
     ("backward: loss, grad accumulation, engine", ("run_backward", "_tensor.py(", "autograd/__init__.py(")),
@@ -143,60 +151,79 @@ def run(args) -> dict:
     x_eval = x_all[n_train * args.batch_size:]
     log(f"data: {tuple(x_all.shape)} from {data_info['source']}; load average {os.getloadavg()}")
 
-    torch.manual_seed(args.seed)
-    model = sae.create(sae.SAEConfig(architecture="topk", d_in=d, n_latents=args.n_latents, k=args.k))
-    trainer = sae.Trainer(model, sae.TrainConfig(
-        steps=n_train, warmup_steps=0, decay_fraction=0.0, dead_tokens=args.dead_tokens, seed=args.seed))
+    # One trainer per path, from the same initial SAE, on the same batches.
+    trainers = {}
+    for path in args.paths:
+        torch.manual_seed(args.seed)
+        model = sae.create(sae.SAEConfig(architecture="topk", d_in=d, n_latents=args.n_latents, k=args.k,
+                                         kernel_backend=PATHS[path]))
+        trainers[path] = sae.Trainer(model, sae.TrainConfig(
+            steps=n_train, warmup_steps=0, decay_fraction=0.0, dead_tokens=args.dead_tokens, seed=args.seed))
 
     # The bound: the encoder's forward GEMM alone, on the SAE's encoder weights (as the
     # encoder reads them: a transposed view), into a preallocated output.
     gemm_x = batches[0].clone()
     gemm_out = torch.empty(args.batch_size, args.n_latents)
+    first = next(iter(trainers.values())).model
 
     def gemm():
-        torch.mm(gemm_x, model.W_enc.detach().t(), out=gemm_out)
+        torch.mm(gemm_x, first.W_enc.detach().t(), out=gemm_out)
 
     load_start = os.getloadavg()
     for x in batches[: args.warmup]:
-        trainer.train_step(x)
+        for trainer in trainers.values():
+            trainer.train_step(x)
         gemm()
-    gemm_s, step_s = [], []
+    gemm_s, step_s = [], {path: [] for path in trainers}
     for i, x in enumerate(batches[args.warmup: args.warmup + args.steps]):
-        gemm_s.append(timed(gemm, args.clock))  # alternate, so both see the same load
-        step_s.append(timed(lambda: trainer.train_step(x), args.clock))
-        log(f"step {i + 1}/{args.steps}: gemm {gemm_s[-1] * 1e3:.0f} ms, step {step_s[-1] * 1e3:.0f} ms")
+        for path, trainer in trainers.items():  # alternate, so that all see the same load
+            gemm_s.append(timed(gemm, args.clock))
+            step_s[path].append(timed(lambda: trainer.train_step(x), args.clock))
+        log(f"step {i + 1}/{args.steps}: gemm {gemm_s[-1] * 1e3:.0f} ms, "
+            + ", ".join(f"{path} {times[-1] * 1e3:.0f} ms" for path, times in step_s.items()))
     load_end = os.getloadavg()
 
-    model.eval()
-    with torch.no_grad():
-        x_hat = model(x_eval)
-        fvu_heldout = float((x_eval - x_hat).pow(2).sum() / (x_eval - x_eval.mean(0)).pow(2).sum())
-    model.train()
-    train_fvu = trainer.metrics().get("fvu")
-    profile = profile_phases(trainer, batches[args.warmup + args.steps:]) if args.profile_steps else {}
-
-    gemm_med, step_med = statistics.median(gemm_s), statistics.median(step_s)
-    return {
+    gemm_med = statistics.median(gemm_s)
+    result = {
         "benchmark": "gemm_bound: TopK SAE training step vs its encoder forward GEMM, same process",
         "config": {"batch_size": args.batch_size, "d_in": d, "n_latents": args.n_latents, "k": args.k,
                    "threads": args.threads, "clock": args.clock, "warmup_steps": args.warmup, "timed_steps": args.steps,
                    "profile_steps": args.profile_steps, "dead_tokens": args.dead_tokens, "seed": args.seed,
-                   "lr": trainer.lr, "lr_schedule": "constant", "data": data_info, "torch": torch.__version__},
+                   "lr": first_lr(trainers), "lr_schedule": "constant", "data": data_info, "torch": torch.__version__},
         "load_average": {"start": [round(v, 2) for v in load_start], "end": [round(v, 2) for v in load_end],
                          "cpu_count": os.cpu_count()},
         "gemm_ms_median": round(gemm_med * 1e3, 1),
-        "step_ms_median": round(step_med * 1e3, 1),
         "gemm_ms": [round(t * 1e3, 1) for t in gemm_s],
-        "step_ms": [round(t * 1e3, 1) for t in step_s],
         "gemm_gflop_per_s": round(2 * args.batch_size * d * args.n_latents / gemm_med / 1e9, 1),
-        "tokens_per_s": round(args.steps * args.batch_size / sum(step_s)),
         "gemm_bound_tokens_per_s": round(args.batch_size / gemm_med),
-        "fraction_of_gemm_bound": round(gemm_med / step_med, 3),
-        "fvu_heldout": round(fvu_heldout, 5),
-        "train_fvu_mean": None if train_fvu is None else round(train_fvu, 5),
         "heldout_tokens": int(x_eval.shape[0]),
-        **profile,
     }
+    for path, trainer in trainers.items():
+        model = trainer.model
+        model.eval()
+        with torch.no_grad():
+            x_hat = model(x_eval)
+            fvu_heldout = float((x_eval - x_hat).pow(2).sum() / (x_eval - x_eval.mean(0)).pow(2).sum())
+        model.train()
+        train_fvu = trainer.metrics().get("fvu")
+        step_med = statistics.median(step_s[path])
+        result[path] = {
+            "step_ms_median": round(step_med * 1e3, 1),
+            "step_ms": [round(t * 1e3, 1) for t in step_s[path]],
+            "tokens_per_s": round(args.steps * args.batch_size / sum(step_s[path])),
+            "fraction_of_gemm_bound": round(gemm_med / step_med, 3),
+            "fvu_heldout": round(fvu_heldout, 5),
+            "train_fvu_mean": None if train_fvu is None else round(train_fvu, 5),
+            **(profile_phases(trainer, batches[args.warmup + args.steps:]) if args.profile_steps else {}),
+        }
+    if len(trainers) == 2:
+        a, b = (result[path] for path in trainers)
+        result["speedup"] = round(b["step_ms_median"] / a["step_ms_median"], 3)
+    return result
+
+
+def first_lr(trainers: dict) -> float:
+    return next(iter(trainers.values())).lr
 
 
 def main(argv=None) -> None:
@@ -218,6 +245,8 @@ def main(argv=None) -> None:
     p.add_argument("--cache", default="/work/data/cache-l15", help="activation cache folder (sae cache ...)")
     p.add_argument("--synthetic", action="store_true", help="synthetic activations even if the cache exists")
     p.add_argument("--quick", action="store_true", help="tiny shapes, synthetic data (a smoke test)")
+    p.add_argument("--paths", nargs="+", choices=list(PATHS), default=list(PATHS),
+                   help="training paths to time in the same run (speedup: the second's step time over the first's)")
     args = p.parse_args(argv)
     if args.quick:
         args.batch_size, args.n_latents, args.k, args.d_in, args.steps = 256, 512, 8, 64, 3

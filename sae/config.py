@@ -45,8 +45,9 @@ class SAEConfig:
     None takes (4, 4). n_latents must be a multiple of m * n."""
     kernel_backend: str = "auto"
     """How to run the sparse encode/decode here, not part of what the SAE is (checkpoints do not
-    store it): auto (Triton on CUDA, torch otherwise), torch, triton, or reference (plain dense
-    autograd, for debugging)."""
+    store it): auto (Triton on CUDA; on CPU the native fused TopK training step where it applies,
+    else torch), torch (the torch ops under autograd), triton, or reference (plain dense autograd,
+    for debugging)."""
 
     def __post_init__(self) -> None:
         registry.get(self.architecture)  # raises, listing the known names

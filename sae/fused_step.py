@@ -24,6 +24,7 @@ import math
 
 import torch
 from torch import Tensor
+from torch.profiler import record_function
 
 from kernels import native, select
 from sae.base import SAEOutput
@@ -44,7 +45,7 @@ def applies(model, x: Tensor) -> bool:
         type(model) is TopKSAE
         and type(model).loss is _LOSS
         and type(model).remove_parallel_grads is _REMOVE_PARALLEL
-        and model.cfg.kernel_backend in ("auto", "torch")
+        and model.cfg.kernel_backend == "auto"
         and x.dim() == 2
         and x.shape[1] == model.cfg.d_in
         and x.device.type == "cpu"
@@ -73,7 +74,8 @@ def loss_and_grads(model: TopKSAE, x: Tensor, dead_mask: Tensor | None) -> tuple
     n_rows, n = x.shape[0], cfg.n_latents
     W_enc, b_enc, W_dec, b_dec = (p.detach() for p in (model.W_enc, model.b_enc, model.W_dec, model.b_dec))
     scale = float(model.input_scale)
-    xc, total = native.prepare(x, scale, b_dec)
+    with record_function("fused: encoder input"):
+        xc, total = native.prepare(x, scale, b_dec)
     if not math.isfinite(total):  # NaN or inf in x: the autograd path's input check reports it
         return None
     total = max(total, torch.finfo(x.dtype).tiny)
@@ -86,18 +88,21 @@ def loss_and_grads(model: TopKSAE, x: Tensor, dead_mask: Tensor | None) -> tuple
     buffer = select.chunk_buffer(step, n, torch.float32, x.device)
     for s in range(0, n_rows, step):
         e = min(n_rows, s + step)
-        pre = torch.mm(xc[s:e], W_enc.t(), out=buffer[: e - s])
-        if native.topk_rows(pre, b_enc, cfg.k, relu=True, out=(vals[s:e], idx[s:e])) is None:
-            return None
-        if k_aux:
-            picked = native.topk_cols(pre, b_enc, dead, k_aux, relu=True)
-            if picked is None:
+        with record_function("fused: encode GEMM"):
+            pre = torch.mm(xc[s:e], W_enc.t(), out=buffer[: e - s])
+        with record_function("fused: top-k"):
+            if native.topk_rows(pre, b_enc, cfg.k, relu=True, out=(vals[s:e], idx[s:e])) is None:
                 return None
-            aux_vals[s:e], aux_idx[s:e] = picked
+            if k_aux:
+                picked = native.topk_cols(pre, b_enc, dead, k_aux, relu=True)
+                if picked is None:
+                    return None
+                aux_vals[s:e], aux_idx[s:e] = picked
 
     grads = tuple(_grad(p) for p in (model.W_dec, model.W_enc, model.b_enc, model.b_dec))
-    res = native.topk_grads(x, xc, (vals, idx), (aux_vals, aux_idx) if k_aux else None, W_enc, W_dec, b_dec, 1 / scale,
-                            total, cfg.aux_coeff, model.unit_norm_decoder, out=grads)
+    with record_function("fused: loss and gradients"):
+        res = native.topk_grads(x, xc, (vals, idx), (aux_vals, aux_idx) if k_aux else None, W_enc, W_dec, b_dec,
+                                1 / scale, total, cfg.aux_coeff, model.unit_norm_decoder, out=grads)
     parts = {"fvu": torch.tensor(res["sse"] / total)}
     loss = parts["fvu"]
     if k_aux:
@@ -133,13 +138,17 @@ def adam_step(optimizer: torch.optim.Optimizer, model: TopKSAE) -> bool:
     if any(p.grad is None or p.dtype != torch.float32 or p.device.type != "cpu" or not p.is_contiguous()
            or not p.grad.is_contiguous() for p in params):
         return False
-    for p in params:
-        state = optimizer.state[p]
-        if not state:  # what torch's Adam creates on its first step
-            state["step"] = torch.tensor(0.0)
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        state["step"] += 1
-        native.adam(p.detach(), p.grad, state["exp_avg"], state["exp_avg_sq"], int(state["step"]), float(group["lr"]),
-                    group["betas"], group["eps"], renorm_rows=p is model.W_dec and model.unit_norm_decoder)
+    with record_function("fused: Adam and decoder renormalisation"):
+        for p in params:
+            _adam_update(optimizer.state[p], p, group, renorm=p is model.W_dec and model.unit_norm_decoder)
     return True
+
+
+def _adam_update(state: dict, p: torch.nn.Parameter, group: dict, renorm: bool) -> None:
+    if not state:  # what torch's Adam creates on its first step
+        state["step"] = torch.tensor(0.0)
+        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    state["step"] += 1
+    native.adam(p.detach(), p.grad, state["exp_avg"], state["exp_avg_sq"], int(state["step"]), float(group["lr"]),
+                group["betas"], group["eps"], renorm_rows=renorm)
