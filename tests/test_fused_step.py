@@ -137,6 +137,16 @@ def test_fused_step_writes_into_existing_grad_buffers():
     assert_grads_close(got, want)
 
 
+def test_fused_step_takes_a_strided_batch():
+    model = topk_model()
+    wide = batch(d=30)
+    x = wide[:, 3:27]  # not contiguous
+    want_out, want = autograd_step(copy.deepcopy(model), x, dead_latents(1000))
+    out, _, got = fused(model, x, dead_latents(1000))
+    assert_grads_close(got, want)
+    assert_outputs_agree(out, want_out)
+
+
 def sentinel_grads(model) -> dict:
     for p in model.parameters():
         p.grad = torch.full_like(p, 7.0)
@@ -311,6 +321,20 @@ def test_trainer_fused_path_with_gradient_clipping_matches_autograd_for_one_step
     for name in PARAMS:
         a, b = getattr(fast.model, name).detach(), getattr(plain.model, name).detach()
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * float(b.abs().max()), msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_trainer_reports_bad_values_after_the_first_step_as_before(bad):
+    """The fused step declines on NaN/inf; the trainer then fails with the input check's message."""
+    batches, _ = synthetic_run(3)
+    trainer = train(batches[:2])
+    x = batches[2].clone()
+    x[5, 1] = bad
+    state = {name: t.clone() for name, t in trainer.model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"NaN or inf \(rows \[5\]"):
+        trainer.train_step(x)
+    assert trainer.step == 2
+    assert all(torch.equal(t, state[name]) for name, t in trainer.model.state_dict().items())
 
 
 def test_fused_path_checkpoint_and_resume_is_bit_identical(tmp_path, monkeypatch):
