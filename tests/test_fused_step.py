@@ -147,6 +147,19 @@ def test_fused_step_takes_a_strided_batch():
     assert_outputs_agree(out, want_out)
 
 
+@pytest.mark.parametrize("with_dead", [False, True])
+def test_fused_step_in_row_chunks_equals_autograd(monkeypatch, with_dead):
+    """Batches whose pre-activations exceed the buffer limit are encoded in row chunks (the last
+    one partial)."""
+    monkeypatch.setattr(fused_step, "PREACT_LIMIT", 7 * 1000)
+    model = topk_model()
+    x, dead = batch(), dead_latents(1000) if with_dead else None
+    want_out, want = autograd_step(copy.deepcopy(model), x, dead)
+    out, _, got = fused(model, x, dead)
+    assert_grads_close(got, want)
+    assert_outputs_agree(out, want_out)
+
+
 def sentinel_grads(model) -> dict:
     for p in model.parameters():
         p.grad = torch.full_like(p, 7.0)
