@@ -1,0 +1,266 @@
+"""The native CPU kernels (``kernels.native``) against plain torch: selection, input preparation,
+Adam, and how the library is built, cached and given up on."""
+import os
+import time
+import warnings
+
+import pytest
+import torch
+
+import sae
+from kernels import native
+
+pytestmark = pytest.mark.skipif(not native.available(), reason="no C++ compiler: the native kernels cannot be built")
+
+
+def reference_topk(pre: torch.Tensor, bias: torch.Tensor | None, k: int, relu: bool):
+    values = pre + bias if bias is not None else pre.clone()
+    top = values.topk(k, dim=-1)
+    return (top.values.clamp_min(0) if relu else top.values), top.indices, values
+
+
+def assert_same_selection(got, pre, bias, k, relu):
+    """Same ranked values bit for bit; each index points at its value; and the latent sets agree
+    wherever the ranking is unambiguous (above the k-th value; ties there may pick any of them)."""
+    vals, idx = got
+    want_vals, want_idx, values = reference_topk(pre, bias, k, relu)
+    assert torch.equal(vals, want_vals)
+    picked = values.gather(1, idx)
+    assert torch.equal(picked.clamp_min(0) if relu else picked, vals)
+    assert all(len(set(row)) == k for row in idx.tolist()), "a latent picked twice"
+    kth = values.gather(1, want_idx[:, -1:])
+    for row in range(pre.shape[0]):
+        above = values[row] > kth[row]
+        assert set(idx[row][values[row, idx[row]] > kth[row]].tolist()) == set(above.nonzero().flatten().tolist())
+
+
+@pytest.mark.parametrize("n,k", [(1, 1), (7, 3), (16, 16), (37, 1), (100, 100), (300, 5), (1000, 32), (2053, 64),
+                                 (4096, 300), (16_000, 32)])
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("relu", [False, True])
+def test_topk_rows_matches_torch_topk(n, k, with_bias, relu):
+    g = torch.Generator().manual_seed(n * 1000 + k)
+    rows = 5 if n > 4000 else 23
+    pre = torch.randn(rows, n, generator=g) * 2 - 0.5
+    bias = torch.randn(n, generator=g) if with_bias else None
+    got = native.topk_rows(pre, bias, k, relu)
+    assert got is not None
+    assert_same_selection(got, pre, bias, k, relu)
+
+
+@pytest.mark.parametrize("relu", [False, True])
+def test_topk_rows_on_a_row_slice_of_a_wider_buffer(relu):
+    """Rows strided (a column slice of a wider buffer), written into slices of wider outputs."""
+    g = torch.Generator().manual_seed(1)
+    wide = torch.randn(40, 700, generator=g)
+    pre = wide[5:35, 100:613]  # stride(0) = 700, unit column stride
+    bias = torch.randn(513, generator=g)
+    vals, idx = torch.full((40, 9), -7.0), torch.full((40, 9), -1, dtype=torch.long)
+    got = native.topk_rows(pre, bias, 9, relu, out=(vals[5:35], idx[5:35]))
+    assert got is not None and got[0].data_ptr() == vals[5:35].data_ptr()
+    assert_same_selection((vals[5:35], idx[5:35]), pre.contiguous(), bias, 9, relu)
+    assert (vals[:5] == -7).all() and (vals[35:] == -7).all() and (idx[:5] == -1).all(), "wrote outside its rows"
+
+
+def test_topk_rows_with_ties_and_equal_values():
+    g = torch.Generator().manual_seed(2)
+    pre = torch.randint(-3, 4, (50, 200), generator=g).float()  # every value repeated many times
+    for k in (1, 7, 64, 200):
+        assert_same_selection(native.topk_rows(pre, None, k, relu=False), pre, None, k, False)
+        assert_same_selection(native.topk_rows(pre, None, k, relu=True), pre, None, k, True)
+
+
+def test_topk_rows_relu_clamps_negatives_to_zero():
+    pre = -torch.rand(4, 50) - 0.1  # all negative
+    pre[0, 3] = 2.0
+    vals, idx = native.topk_rows(pre, None, 5, relu=True)
+    assert (vals[1:] == 0).all() and vals[0, 0] == 2.0 and idx[0, 0] == 3 and (vals[0, 1:] == 0).all()
+    vals, _ = native.topk_rows(pre, None, 5, relu=False)
+    assert (vals[1:] < 0).all()
+
+
+@pytest.mark.parametrize("where", ["bias", "pre"])
+def test_topk_rows_with_a_nan_returns_none(where):
+    pre, bias = torch.randn(6, 300), torch.randn(300)
+    if where == "pre":
+        pre[4, 17] = float("nan")
+    else:
+        bias[250] = float("nan")
+    assert native.topk_rows(pre, bias, 8, relu=True) is None
+
+
+def test_topk_rows_handles_infinities():
+    pre = torch.randn(3, 100)
+    pre[0, 5], pre[1, 9], pre[2, :] = float("inf"), float("-inf"), float("-inf")
+    assert_same_selection(native.topk_rows(pre, None, 4, relu=False), pre, None, 4, False)
+
+
+@pytest.mark.parametrize("n,n_cols,k", [(50, 50, 3), (300, 17, 17), (1000, 130, 5), (1000, 1, 1), (4096, 1024, 64)])
+@pytest.mark.parametrize("relu", [False, True])
+def test_topk_cols_matches_a_masked_topk(n, n_cols, k, relu):
+    g = torch.Generator().manual_seed(n + n_cols)
+    wide = torch.randn(20, n + 11, generator=g)
+    pre = wide[:, 3 : n + 3]  # strided rows
+    bias = torch.randn(n, generator=g)
+    cols = torch.randperm(n, generator=g)[:n_cols].sort().values
+    vals, idx = native.topk_cols(pre, bias, cols, k, relu)
+    masked = torch.full((20, n), float("-inf"))
+    masked[:, cols] = (pre + bias)[:, cols]
+    want = masked.topk(k, dim=-1)
+    assert torch.equal(vals, want.values.clamp_min(0) if relu else want.values)
+    assert torch.isin(idx, cols).all()
+    assert all(set(a) == set(b) for a, b in zip(idx.tolist(), want.indices.tolist()))
+
+
+def test_topk_cols_with_a_nan_among_the_columns_returns_none_and_ignores_others():
+    pre = torch.randn(4, 60)
+    pre[2, 10] = float("nan")
+    assert native.topk_cols(pre, None, torch.tensor([3, 10, 40]), 2, relu=True) is None
+    assert native.topk_cols(pre, None, torch.tensor([3, 11, 40]), 2, relu=True) is not None
+
+
+def test_prepare_matches_torch():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(333, 45, generator=g) * 5 + 3
+    b_dec = torch.randn(45, generator=g)
+    xc, total = native.prepare(x, 0.37, b_dec)
+    torch.testing.assert_close(xc, x * 0.37 - b_dec, rtol=1e-6, atol=1e-6)
+    x64 = x.double()
+    assert total == pytest.approx(float((x64 - x64.mean(0)).pow(2).sum()), rel=1e-5)
+    _, total_nan = native.prepare(torch.where(torch.arange(45) == 7, float("nan"), x), 1.0, b_dec)
+    assert total_nan != total_nan
+
+
+def test_scratch_reuses_its_buffer():
+    a = native.scratch("test-buffer", 10, 20)
+    b = native.scratch("test-buffer", 5, 4)
+    assert a.shape == (10, 20) and b.shape == (5, 4) and a.data_ptr() == b.data_ptr()
+    assert native.scratch("test-buffer", 30, 30).numel() == 900
+
+
+@pytest.mark.parametrize("shape", [(37,), (13, 40), (1, 8), (64, 3)])
+@pytest.mark.parametrize("grad_scale", [1.0, 0.3])
+def test_adam_matches_torch_fused_adam(shape, grad_scale):
+    g = torch.Generator().manual_seed(sum(shape))
+    start = torch.randn(*shape, generator=g)
+    ref = torch.nn.Parameter(start.clone())
+    opt = torch.optim.Adam([ref], lr=3e-3, betas=(0.9, 0.99), eps=1e-7, fused=True)
+    param, m, v = start.clone(), torch.zeros(shape), torch.zeros(shape)
+    for step in range(1, 8):
+        grad = torch.randn(*shape, generator=g) * 10 ** (step % 3 - 1)
+        ref.grad = grad * grad_scale
+        opt.step()
+        native.adam(param, grad, m, v, step, 3e-3, (0.9, 0.99), 1e-7, grad_scale=grad_scale)
+        torch.testing.assert_close(param, ref.detach(), rtol=1e-5, atol=1e-7)
+        # the moments to 1e-5 of their largest entry: m - g cancels in both formulas
+        for got, want in ((m, opt.state[ref]["exp_avg"]), (v, opt.state[ref]["exp_avg_sq"])):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+    assert not torch.equal(param, start)
+
+
+def test_adam_with_renorm_rows_is_adam_then_unit_rows():
+    g = torch.Generator().manual_seed(5)
+    start = torch.randn(21, 33, generator=g)
+    start /= start.norm(dim=1, keepdim=True)
+    ref = torch.nn.Parameter(start.clone())
+    opt = torch.optim.Adam([ref], lr=1e-2, fused=True)
+    param, m, v = start.clone(), torch.zeros_like(start), torch.zeros_like(start)
+    for step in range(1, 6):
+        grad = torch.randn(21, 33, generator=g)
+        ref.grad = grad.clone()
+        opt.step()
+        with torch.no_grad():
+            ref /= ref.norm(dim=1, keepdim=True).clamp_min(1e-8)
+        native.adam(param, grad, m, v, step, 1e-2, (0.9, 0.999), 1e-8, renorm_rows=True)
+        torch.testing.assert_close(param, ref.detach(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(param.norm(dim=1), torch.ones(21), rtol=1e-6, atol=1e-6)
+
+
+def test_wrappers_refuse_tensors_they_cannot_take():
+    with pytest.raises(ValueError, match="unit column stride"):
+        native.topk_rows(torch.randn(10, 8).t(), None, 2, relu=False)
+    with pytest.raises(ValueError, match="float32"):
+        native.prepare(torch.randn(4, 3), 1.0, torch.randn(3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="contiguous"):
+        native.adam(torch.randn(4, 6)[:, ::2], torch.randn(4, 3), torch.zeros(4, 3), torch.zeros(4, 3), 1, 1e-3,
+                    (0.9, 0.999), 1e-8)
+
+
+# -- building ------------------------------------------------------------------------------------
+
+def test_build_is_cached_by_content(tmp_path):
+    compiler = native._compiler()
+    first = native.build(compiler, tmp_path)
+    stamp = first.stat().st_mtime_ns
+    time.sleep(0.01)
+    again = native.build(compiler, tmp_path)
+    assert again == first and again.stat().st_mtime_ns == stamp
+    assert sorted(p.name for p in tmp_path.iterdir()) == [first.name], "left temporary files behind"
+
+
+@pytest.fixture
+def fresh_native(monkeypatch, tmp_path):
+    """The module as if never loaded, caching into a temporary folder; restored afterwards."""
+    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setattr(native, "_tried", False)
+    monkeypatch.setenv("SAE_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path
+
+
+def failing_compiler(folder):
+    script = folder / "broken-c++"
+    script.write_text("#!/bin/sh\necho 'broken-c++: cannot compile' >&2\nexit 1\n")
+    script.chmod(0o755)
+    return str(script)
+
+
+def train_a_few_steps(steps: int = 4) -> sae.Trainer:
+    torch.manual_seed(0)
+    model = sae.create(sae.SAEConfig(d_in=12, n_latents=48, k=3))
+    trainer = sae.Trainer(model, sae.TrainConfig(log_every=100, warmup_steps=1))
+    before = model.W_enc.detach().clone()
+    for _ in range(steps):
+        trainer.train_step(torch.randn(64, 12))
+    assert not torch.equal(model.W_enc, before)
+    return trainer
+
+
+def test_a_failing_compiler_warns_once_and_training_takes_the_torch_path(fresh_native, monkeypatch):
+    from sae import fused_step
+
+    monkeypatch.setenv("CXX", failing_compiler(fresh_native))
+    with pytest.warns(UserWarning, match="(?s)native CPU kernels unavailable.*cannot compile"):
+        assert native.library() is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second warning
+        assert not native.available()
+        calls = []
+        original = fused_step.loss_and_grads
+        monkeypatch.setattr(fused_step, "loss_and_grads", lambda *a: calls.append(1) or original(*a))
+        trainer = train_a_few_steps()
+    assert len(calls) == 3 and trainer.step == 4  # asked at every step after the first, declined each time
+    assert not any((fresh_native / "cache" / "native").glob("*.so"))
+
+
+def test_no_compiler_warns_and_returns_none(fresh_native, monkeypatch):
+    monkeypatch.setenv("CXX", str(fresh_native / "nowhere" / "c++"))
+    monkeypatch.setattr(native.shutil, "which", lambda name: None)
+    with pytest.warns(UserWarning, match="no C\\+\\+ compiler"):
+        assert native.library() is None
+    train_a_few_steps()
+
+
+def test_switched_off_by_environment(fresh_native, monkeypatch):
+    monkeypatch.setenv("SAE_NATIVE_KERNELS", "0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert native.library() is None
+    assert not (fresh_native / "cache").exists(), "built although switched off"
+
+
+def test_a_fresh_build_in_a_new_cache_loads_and_works(fresh_native):
+    lib = native.library()
+    assert lib is not None and len(list((fresh_native / "cache" / "native").glob("libsae_native-*.so"))) == 1
+    pre = torch.randn(3, 40)
+    assert_same_selection(native.topk_rows(pre, None, 4, relu=False), pre, None, 4, False)
+    assert os.environ["SAE_CACHE_DIR"] == str(fresh_native / "cache")
