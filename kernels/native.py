@@ -98,7 +98,9 @@ def build(compiler: str, out_dir: Path) -> Path:
         for cmd in steps:
             result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
             if result.returncode != 0:
-                raise RuntimeError(f"{' '.join(cmd)} failed:\n{result.stderr[-2000:]}")
+                errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+                detail = (errors or result.stderr.strip().splitlines() or ["no output"])[0]
+                raise RuntimeError(f"{cmd[0]} could not build {SOURCE.name} ({detail})")
         os.replace(tmp, path)
     finally:
         for leftover in (tmp, tmp[:-3] + ".o"):

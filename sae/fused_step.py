@@ -40,12 +40,11 @@ _LOSS, _REMOVE_PARALLEL, _AFTER_STEP = TopKSAE.loss, TopKSAE.remove_parallel_gra
 
 
 def applies(model, x: Tensor) -> bool:
+    if type(model) is not TopKSAE or type(model).loss is not _LOSS or type(model).remove_parallel_grads is not _REMOVE_PARALLEL:
+        return False
     params = (model.W_enc, model.b_enc, model.W_dec, model.b_dec)
     return (
-        type(model) is TopKSAE
-        and type(model).loss is _LOSS
-        and type(model).remove_parallel_grads is _REMOVE_PARALLEL
-        and model.cfg.kernel_backend == "auto"
+        model.cfg.kernel_backend == "auto"
         and x.dim() == 2
         and x.shape[1] == model.cfg.d_in
         and x.device.type == "cpu"

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 import sae
-from sae import fused_step
+import sae.trainer
 from sae.app.cli import build_parser, defaults, main
 from sae.app.run import default_run_name
 from sae.synthetic import SyntheticData
@@ -286,15 +286,14 @@ def test_a_signal_inside_a_step_saves_after_it_and_resumes_exactly(tmp_path, mon
 
     full = fresh(str(tmp_path / "full")).fit(data, progress=False)
     trainer = fresh(str(tmp_path / "cut"))
-    original = fused_step.adam_step
+    original = sae.trainer.clip_grad_norm
 
-    def adam_step(optimizer, model):  # the (fused) optimiser step, before the step counter moves;
-        done = original(optimizer, model)  # patching after_step instead would switch paths
+    def clip_grad_norm(*args):  # inside the step, on either path (patching a model method would
+        original(*args)  # send this run down the autograd path and the uninterrupted one not)
         if trainer.step == 11:
             os.kill(os.getpid(), signal.SIGINT)
-        return done
 
-    monkeypatch.setattr(fused_step, "adam_step", adam_step)
+    monkeypatch.setattr(sae.trainer, "clip_grad_norm", clip_grad_norm)
     with pytest.raises(KeyboardInterrupt):
         trainer.fit(data, progress=False)
     monkeypatch.undo()
@@ -312,17 +311,16 @@ def test_sigterm_saves_like_ctrl_c_and_resumes_bit_identically(tmp_path, monkeyp
         "--k", "4", "--expansion-factor", "2", "--no-wandb", "--log-every", "7",
     ]
     assert main([*args, "--out-dir", str(tmp_path / "full")]) == 0
-    original = fused_step.adam_step
+    original = sae.trainer.clip_grad_norm
 
-    def adam_step(optimizer, model):  # a real SIGTERM to this process, in the middle of step 25
-        done = original(optimizer, model)
+    def clip_grad_norm(*args):  # a real SIGTERM to this process, in the middle of step 25
+        original(*args)
         calls.append(1)
-        if len(calls) == 24:  # the first step takes the autograd path, without this call
+        if len(calls) == 25:
             os.kill(os.getpid(), signal.SIGTERM)
-        return done
 
     calls: list[int] = []
-    monkeypatch.setattr(fused_step, "adam_step", adam_step)
+    monkeypatch.setattr(sae.trainer, "clip_grad_norm", clip_grad_norm)
     assert main([*args, "--out-dir", str(tmp_path / "cut")]) == 130
     monkeypatch.undo()
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL, "the handler outlived the run"
