@@ -18,6 +18,10 @@ Leading batch dimensions are allowed. Indices are int64 (int32 accepted by the d
 >>> vals, idx = topk_encode(x - b_dec, W_enc, b_enc, k=32)
 >>> x_hat = sparse_decode(vals, idx, W_dec, b_dec)
 
+On CPU the trainer bypasses these Functions for plain TopK SAEs: ``kernels.native`` holds
+native kernels for a fused training step (selection, decode, loss, all gradients, Adam),
+built from ``native.cpp`` on first use.
+
 ``import kernels`` imports only torch (triton only when its backend is used). PyPI has an
 unrelated package also imported as ``kernels`` (Hugging Face's); transformers looks for it
 by reading ``kernels.__version__``, so this package deliberately defines none.
