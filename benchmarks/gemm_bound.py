@@ -189,7 +189,7 @@ def run(args) -> dict:
         "config": {"batch_size": args.batch_size, "d_in": d, "n_latents": args.n_latents, "k": args.k,
                    "threads": args.threads, "clock": args.clock, "warmup_steps": args.warmup, "timed_steps": args.steps,
                    "profile_steps": args.profile_steps, "dead_tokens": args.dead_tokens, "seed": args.seed,
-                   "lr": first_lr(trainers), "lr_schedule": "constant", "data": data_info, "torch": torch.__version__},
+                   "lr": next(iter(trainers.values())).lr, "lr_schedule": "constant", "data": data_info, "torch": torch.__version__},
         "load_average": {"start": [round(v, 2) for v in load_start], "end": [round(v, 2) for v in load_end],
                          "cpu_count": os.cpu_count()},
         "gemm_ms_median": round(gemm_med * 1e3, 1),
@@ -220,10 +220,6 @@ def run(args) -> dict:
         a, b = (result[path] for path in trainers)
         result["speedup"] = round(b["step_ms_median"] / a["step_ms_median"], 3)
     return result
-
-
-def first_lr(trainers: dict) -> float:
-    return next(iter(trainers.values())).lr
 
 
 def main(argv=None) -> None:

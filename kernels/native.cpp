@@ -50,18 +50,6 @@ inline float dot(const float* a, const float* b, i64 d) {
   return total;
 }
 
-// Writes a finished gradient row past the caches (when aligned): the 2 x 21 MB of gradient rows
-// would otherwise evict the gathered rows that are still to be read.
-inline void store_row(float* out, const float* row, i64 d) {
-  i64 c = 0;
-#ifdef __AVX2__
-  if ((reinterpret_cast<uintptr_t>(out) & 31) == 0 && d % 8 == 0) {
-    for (; c < d; c += 8) _mm256_stream_ps(out + c, _mm256_loadu_ps(row + c));
-  }
-#endif
-  for (; c < d; ++c) out[c] = row[c];
-}
-
 // a += s * r
 inline void axpy(const float* r, float s, float* a, i64 d) {
 #pragma omp simd

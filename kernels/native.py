@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from .select import scratch
+
 SOURCE = Path(__file__).with_name("native.cpp")
 FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-std=c++17", "-fPIC"]
 
@@ -179,24 +181,8 @@ def topk_cols(pre: torch.Tensor, bias: torch.Tensor | None, cols: torch.Tensor, 
     return None if bad else (vals, idx)
 
 
-_scratch = threading.local()
-
-
-def scratch(name: str, *shape: int) -> torch.Tensor:
-    """A reused float32 buffer (one per thread and name): a fresh multi-MB tensor every step
-    costs page faults on first write."""
-    buffers = _scratch.__dict__.setdefault("buffers", {})
-    numel = 1
-    for size in shape:
-        numel *= size
-    buf = buffers.get(name)
-    if buf is None or buf.numel() < numel:
-        buf = buffers[name] = torch.empty(numel)
-    return buf[:numel].view(*shape)
-
-
 def prepare(x: torch.Tensor, scale: float, b_dec: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """``xc = x * scale - b_dec`` (a reused buffer, see ``scratch``) and the total variance
+    """``xc = x * scale - b_dec`` (a reused buffer, see ``select.scratch``) and the total variance
     ``sum_i |x_i - mean(x)|^2``."""
     n_rows, d = x.shape
     xc = scratch("xc", n_rows, d)
@@ -230,8 +216,7 @@ def topk_grads(x, xc, main, aux, W_enc, W_dec, b_dec, inv_scale: float, total: f
         aux_coeff, int(project), dW_dec.data_ptr(), dW_enc.data_ptr(), db_enc.data_ptr(), db_dec.data_ptr(), fired.data_ptr(),
         sumsq.data_ptr(), stats.data_ptr(), acc.data_ptr(), _ptr(acc2), _ptr(resid), torch.get_num_threads())
     sse, aux_sse, aux_total = stats.tolist()
-    return {"fired": fired, "sumsq": sumsq, "sse": sse, "aux_sse": aux_sse,
-            "aux_total": aux_total}
+    return {"fired": fired, "sumsq": sumsq, "sse": sse, "aux_sse": aux_sse, "aux_total": aux_total}
 
 
 def adam(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, step: int, lr: float,

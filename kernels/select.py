@@ -22,20 +22,26 @@ PREACT_CHUNK_ELEMS = 1 << 24
 _scratch = threading.local()
 
 
+def scratch(key, *shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A CPU buffer of ``shape`` kept per thread and ``key`` and reused by the next call (grown
+    when too small): glibc serves a fresh multi-MB tensor from a new mmap whose pages fault in
+    on first write, which measured ~15% of the encoder GEMM's own time on every call."""
+    buffers = _scratch.__dict__.setdefault("buffers", {})
+    numel = 1
+    for size in shape:
+        numel *= size
+    buf = buffers.get(key)
+    if buf is None or buf.numel() < numel or buf.dtype != dtype:
+        buf = buffers[key] = torch.empty(numel, dtype=dtype)
+    return buf[:numel].view(*shape)
+
+
 def chunk_buffer(rows, n, dtype, device):
-    """A ``[rows, n]`` buffer for one chunk of pre-activations. On CPU it is kept (one per
-    thread and dtype) and reused by the next call: glibc serves a fresh 64 MiB tensor from a
-    new mmap whose pages fault in on first write, which measured ~15% of the encoder GEMM's
-    own time on every call. On CUDA the caching allocator already reuses memory."""
+    """A ``[rows, n]`` buffer for one chunk of pre-activations, reused on CPU (see ``scratch``);
+    on CUDA the caching allocator already reuses memory."""
     if device.type != "cpu":
         return torch.empty(rows, n, dtype=dtype, device=device)
-    buffers = getattr(_scratch, "buffers", None)
-    if buffers is None:
-        buffers = _scratch.buffers = {}
-    buf = buffers.get(dtype)
-    if buf is None or buf.numel() < rows * n:
-        buf = buffers[dtype] = torch.empty(rows * n, dtype=dtype)
-    return buf[: rows * n].view(rows, n)
+    return scratch(("preacts", dtype), rows, n, dtype=dtype)
 
 
 @torch.no_grad()

@@ -3,20 +3,21 @@
 It computes exactly what ``TopKSAE.loss(x, dead_mask).loss.backward()`` followed by
 ``remove_parallel_grads()`` computes (tests compare the two), but shaped for the CPU:
 
-1. ``xc = x * input_scale - b_dec``; the encoder GEMM ``xc @ W_enc^T`` into a reused buffer
-   (one call for the whole batch where it fits: row chunks cost the GEMM 3-13%);
-2. per row, the ranked top k of ``pre + b_enc`` (and the AuxK top among dead latents) in one
-   pass over the pre-activations (``kernels.native.topk_rows``);
-3. per row, decode, residual, loss and the gradient of every selected value in one pass
-   (``decode_grad``), for the main and the AuxK reconstruction;
-4. per latent, the decoder and encoder gradient rows, the decoder row's parallel part removed,
-   firing counts and squared norms in one pass (``latent_grads``), written into the existing
-   ``.grad`` tensors (no zeroing, no fresh allocations).
+1. ``xc = x * input_scale - b_dec`` and the FVU's denominator in one pass over x
+   (``kernels.native.prepare``); the encoder GEMM ``xc @ W_enc^T`` into a reused buffer (one
+   call for the whole batch where it fits: row chunks cost the GEMM 3-13%);
+2. per row, the ranked top k of ``pre + b_enc`` (and the AuxK top among the dead latents) in one
+   pass over the pre-activations (``topk_rows``, ``topk_cols``);
+3. decode, loss and every gradient (``topk_grads``): a latent-major decode, the residual per
+   token, then per latent the decoder gradient rows (the part along each decoder row removed)
+   and the encoder gradient rows, written into the existing ``.grad`` tensors (no zeroing, no
+   fresh allocations), with the firing counts and squared norms.
 
-The gradient norm comes out of step 4, so clipping needs no extra pass. Used by the trainer
-for plain TopK SAEs on CPU in one process; anything else (other architectures, CUDA, float64,
-data parallel, no C++ compiler) takes the autograd path. A NaN in the pre-activations also
-hands the step back to autograd, which then fails or propagates it exactly as before.
+The gradient norm comes out of step 3, so clipping needs no extra pass; ``adam_step`` then
+updates on the optimizer's own state. Used by the trainer for plain TopK SAEs on CPU in one
+process; anything else (other architectures, CUDA, float64, data parallel, no C++ compiler)
+takes the autograd path. A NaN in the pre-activations also hands the step back to autograd,
+which then fails or propagates it exactly as before.
 """
 from __future__ import annotations
 
