@@ -87,6 +87,22 @@ inline void prefetch_row(const float* row, i64 d) {
   for (i64 c = 0; c < d; c += 16) __builtin_prefetch(row + c);
 }
 
+inline void prefetch_row_for_write(const float* row, i64 d) {
+  for (i64 c = 0; c < d; c += 16) __builtin_prefetch(row + c, 1);
+}
+
+// dst[0:d] = src[0:d], bypassing the caches: a gradient row written once and read next by the
+// optimizer would otherwise evict the rows the gradient passes gather (measured: those passes
+// take ~15% less time).
+inline void store_uncached(float* dst, const float* src, i64 d) {
+  i64 c = 0;
+#ifdef __AVX2__
+  if (((uintptr_t)dst & 31) == 0)
+    for (; c + 8 <= d; c += 8) _mm256_stream_ps(dst + c, _mm256_loadu_ps(src + c));
+#endif
+  for (; c < d; ++c) dst[c] = src[c];
+}
+
 #ifdef __AVX2__
 // LEFT_PACK[mask]: the lanes set in an 8-bit mask, first, for _mm256_permutevar8x32_ps.
 struct LeftPack {
@@ -121,15 +137,17 @@ inline float unordered(uint32_t u) {
 // Sort key: value descending, then column ascending (columns < 2^32).
 inline uint64_t key_of(float v, i64 col) { return (uint64_t)ordered(v) << 32 | (0xffffffffu - (uint32_t)col); }
 
-// Writes the k best keys of keys[0:count], ranked, as values (clamped at 0 if relu) and columns.
-void rank_top(uint64_t* keys, i64 count, i64 k, bool relu, float* vals, i64* idx) {
+// Writes the k best keys of keys[0:count] (ranked, unless told otherwise) as values (clamped at 0
+// if relu) and columns; returns the k-th best value (unclamped).
+float rank_top(uint64_t* keys, i64 count, i64 k, bool relu, float* vals, i64* idx, bool ranked = true) {
   if (count > k) std::nth_element(keys, keys + (k - 1), keys + count, std::greater<uint64_t>());
-  std::sort(keys, keys + k, std::greater<uint64_t>());
+  if (ranked) std::sort(keys, keys + k, std::greater<uint64_t>());
   for (i64 j = 0; j < k; ++j) {
     const float v = unordered((uint32_t)(keys[j] >> 32));
     vals[j] = relu && v < 0.f ? 0.f : v;
     idx[j] = 0xffffffffu - (uint32_t)keys[j];
   }
+  return unordered((uint32_t)(keys[k - 1] >> 32));
 }
 
 // One row's top k of p + bias: every element lies in one of L "blocks" (element c is in block
@@ -138,7 +156,7 @@ void rank_top(uint64_t* keys, i64 count, i64 k, bool relu, float* vals, i64* idx
 // false if the row holds a NaN (the caller then uses torch.topk, which ranks NaN first).
 bool top_k_row(const float* p, const float* bias, i64 n, i64 k, i64 L, bool relu,
                std::vector<float>& bm, std::vector<float>& small, std::vector<i64>& blocks,
-               std::vector<uint64_t>& cand, float* vals, i64* idx) {
+               std::vector<uint64_t>& cand, float* vals, i64* idx, float* kth) {
   int nan = 0;
   float* m = bm.data();
   std::fill(m, m + L, -INFINITY);
@@ -209,7 +227,7 @@ bool top_k_row(const float* p, const float* bias, i64 n, i64 k, i64 L, bool relu
       }
     }
     if (count < k) return false;
-    rank_top(cand.data(), count, k, relu, vals, idx);
+    *kth = rank_top(cand.data(), count, k, relu, vals, idx);
     return true;
   }
 #endif
@@ -227,17 +245,138 @@ bool top_k_row(const float* p, const float* bias, i64 n, i64 k, i64 L, bool relu
     }
   }
   if (count < k) return false;
-  rank_top(cand.data(), count, k, relu, vals, idx);
+  *kth = rank_top(cand.data(), count, k, relu, vals, idx);
   return true;
 }
 
+
+#ifdef __AVX2__
+// The single-pass top k (top_k_stream): its candidate buffer, and how many recent rows set the
+// starting threshold.
+constexpr i64 STREAM_CAP = 256, STREAM_HISTORY = 16;
+const __m256i LANES = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+// The k-th largest of a[0:count] (NaN-free, k <= count), by quickselect with vectorised
+// partitions into tmp (count + 8 floats); a is overwritten.
+float kth_largest(float* a, float* tmp, i64 count, i64 k) {
+  while (count > 24) {
+    float x = a[0], y = a[count / 2], z = a[count - 1];  // median of three as the pivot
+    if (x > y) std::swap(x, y);
+    const float pivot = std::max(x, std::min(y, z));
+    const __m256 vp = _mm256_set1_ps(pivot);
+    i64 hi = 0, lo = 0, c = 0;
+    float* lo_part = tmp;  // elements < pivot go to tmp, > pivot stay in a (packed to the front)
+    for (; c + 8 <= count; c += 8) {
+      const __m256 v = _mm256_loadu_ps(a + c);
+      const int gt = _mm256_movemask_ps(_mm256_cmp_ps(v, vp, _CMP_GT_OQ));
+      const int lt = _mm256_movemask_ps(_mm256_cmp_ps(v, vp, _CMP_LT_OQ));
+      _mm256_storeu_ps(lo_part + lo, _mm256_permutevar8x32_ps(v, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(LEFT_PACK[lt]))));
+      _mm256_storeu_ps(a + hi, _mm256_permutevar8x32_ps(v, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(LEFT_PACK[gt]))));
+      hi += __builtin_popcount(gt);
+      lo += __builtin_popcount(lt);
+    }
+    for (; c < count; ++c) {
+      const float v = a[c];
+      if (v > pivot) a[hi++] = v;
+      else if (v < pivot) lo_part[lo++] = v;
+    }
+    const i64 eq = count - hi - lo;
+    if (k <= hi) {
+      count = hi;
+    } else if (k <= hi + eq) {
+      return pivot;
+    } else {
+      std::copy(lo_part, lo_part + lo, a);
+      k -= hi + eq;
+      count = lo;
+    }
+  }
+  std::nth_element(a, a + (k - 1), a + count, std::greater<float>());
+  return a[k - 1];
+}
+
+// Appends the elements >= *thr of the 8-element vectors at columns cols[0:count_cols] (all
+// vectors if cols is null) of p + bias to bv/bc (values, columns), keeping the buffer below
+// STREAM_CAP: when it fills up, *thr rises to the k-th largest value in it and the buffer keeps
+// only what reaches *thr. It thus always holds every element >= *thr seen. Returns the count
+// held, or -1 if ties at *thr overflow the buffer.
+i64 collect(const float* p, const float* bias, i64 n, const int32_t* cols, i64 count_cols, i64 k, float* thr,
+            float* bv, int32_t* bc, float* scratch_v) {
+  __m256 vthr = _mm256_set1_ps(*thr);
+  i64 count = 0;
+  const i64 vectors = cols ? count_cols : n / 8;
+  for (i64 j = 0; j < vectors; ++j) {
+    const int32_t c = cols ? cols[j] : (int32_t)(8 * j);
+    __m256 v = _mm256_loadu_ps(p + c);
+    if (bias) v = _mm256_add_ps(v, _mm256_loadu_ps(bias + c));
+    const int mask = _mm256_movemask_ps(_mm256_cmp_ps(v, vthr, _CMP_GE_OQ));
+    const __m256i perm = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(LEFT_PACK[mask]));
+    _mm256_storeu_ps(bv + count, _mm256_permutevar8x32_ps(v, perm));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(bc + count),
+                        _mm256_permutevar8x32_epi32(_mm256_add_epi32(_mm256_set1_epi32(c), LANES), perm));
+    count += __builtin_popcount(mask);
+    if (count > STREAM_CAP - 8) {
+      std::copy(bv, bv + count, scratch_v);
+      *thr = kth_largest(scratch_v, scratch_v + STREAM_CAP + 8, count, k);
+      vthr = _mm256_set1_ps(*thr);
+      i64 kept = 0;
+      for (i64 e = 0; e < count; ++e) {
+        bv[kept] = bv[e];
+        bc[kept] = bc[e];
+        kept += bv[e] >= *thr;
+      }
+      count = kept;
+      if (count > STREAM_CAP - 8) return -1;
+    }
+  }
+  return count;
+}
+
+// One row's top k of p + bias, for rows that resemble the ones before them: thr, the lowest k-th
+// value of recent rows, is usually below this row's k-th value and above all but a few elements.
+// One streaming pass over the row notes which vectors hold an element >= thr (no branch, little
+// work per vector: the pass runs at memory speed); their elements >= thr are then collected from
+// cache. If fewer than k reach thr, the whole row is collected. Returns false, leaving the row to
+// top_k_row, if it holds a NaN or an infinity or if ties overflow the buffer; true once done, with
+// *kth = the row's k-th value.
+bool top_k_stream(const float* p, const float* bias, i64 n, i64 k, float thr, bool relu, bool ranked, int32_t* pos,
+                 float* bv, int32_t* bc, float* scratch_v, uint64_t* keys, float* vals, i64* idx, float* kth) {
+  const __m256 vthr = _mm256_set1_ps(thr);
+  __m256 sum = _mm256_setzero_ps();
+  i64 hits = 0;
+  for (i64 c = 0; c < n; c += 8) {
+    __m256 v = _mm256_loadu_ps(p + c);
+    if (bias) v = _mm256_add_ps(v, _mm256_loadu_ps(bias + c));
+    sum = _mm256_add_ps(sum, v);  // NaN or inf anywhere leaves the sum non-finite
+    pos[hits] = (int32_t)c;
+    hits += _mm256_movemask_ps(_mm256_cmp_ps(v, vthr, _CMP_GE_OQ)) != 0;
+  }
+  const __m256 zero = _mm256_setzero_ps();
+  if (_mm256_movemask_ps(_mm256_cmp_ps(_mm256_mul_ps(sum, zero), zero, _CMP_NEQ_UQ))) return false;
+  float t = thr;
+  i64 count = collect(p, bias, n, pos, hits, k, &t, bv, bc, scratch_v);
+  if (count >= 0 && count < k) {
+    t = -INFINITY;
+    count = collect(p, bias, n, nullptr, 0, k, &t, bv, bc, scratch_v);
+  }
+  if (count < k) return false;
+  std::copy(bv, bv + count, scratch_v);
+  t = kth_largest(scratch_v, scratch_v + STREAM_CAP + 8, count, k);
+  i64 m = 0;
+  for (i64 e = 0; e < count; ++e) {
+    keys[m] = key_of(bv[e], bc[e]);
+    m += bv[e] >= t;
+  }
+  *kth = rank_top(keys, m, k, relu, vals, idx, ranked);
+  return true;
+}
+#endif
 }  // namespace
 
 extern "C" {
 
 // Per-row top k of pre[r, :n] + bias (bias may be null), ranked, written to vals/idx [n_rows, k]
 // (values clamped at 0 if relu). Returns the number of rows holding a NaN (left unwritten).
-i64 sae_topk_rows(const float* pre, i64 ld, const float* bias, i64 n_rows, i64 n, i64 k, int relu,
+i64 sae_topk_rows(const float* pre, i64 ld, const float* bias, i64 n_rows, i64 n, i64 k, int relu, int ranked,
                   float* vals, i64* idx, int threads) {
   // about 16 elements per block, a multiple of 8 blocks (vector width), at least k blocks
   i64 L = ((n + 15) / 16 + 7) / 8 * 8;
@@ -248,10 +387,37 @@ i64 sae_topk_rows(const float* pre, i64 ld, const float* bias, i64 n_rows, i64 n
     std::vector<float> bm(L), small(L + 8);  // + 8: room for a vector store past the last entry
     std::vector<i64> blocks(L);
     std::vector<uint64_t> cand(n);  // worst case (ties at the threshold): the whole row
-    cand.reserve(4 * k);
+#ifdef __AVX2__
+    const bool stream = n % 8 == 0 && k <= STREAM_CAP / 4;
+    std::vector<float> bv(STREAM_CAP + 8), scratch_v(2 * (STREAM_CAP + 8));
+    std::vector<int32_t> bc(STREAM_CAP + 8), pos(n / 8 + 1);
+    float recent[STREAM_HISTORY];  // the k-th values of this thread's last rows
+    i64 seen = 0;
+#endif
 #pragma omp for schedule(static)
-    for (i64 r = 0; r < n_rows; ++r)
-      if (!top_k_row(pre + r * ld, bias, n, k, L, relu, bm, small, blocks, cand, vals + r * k, idx + r * k)) ++bad;
+    for (i64 r = 0; r < n_rows; ++r) {
+      float* v = vals + r * k;
+      i64* ix = idx + r * k;
+#ifdef __AVX2__
+      if (stream) {
+        float thr = -INFINITY, kth;
+        if (seen >= STREAM_HISTORY) thr = *std::min_element(recent, recent + STREAM_HISTORY);
+        if (top_k_stream(pre + r * ld, bias, n, k, thr, relu, ranked, pos.data(), bv.data(), bc.data(),
+                         scratch_v.data(), cand.data(), v, ix, &kth)) {
+          recent[seen++ % STREAM_HISTORY] = kth;
+          continue;
+        }
+      }
+#endif
+      float kth;
+      if (!top_k_row(pre + r * ld, bias, n, k, L, relu, bm, small, blocks, cand, v, ix, &kth)) {
+        ++bad;
+        continue;
+      }
+#ifdef __AVX2__
+      if (stream) recent[seen++ % STREAM_HISTORY] = kth;
+#endif
+    }
   }
   return bad;
 }
@@ -423,9 +589,19 @@ void sae_topk_grads(i64 N, i64 d, i64 n, const float* x, const float* xc, const 
     // 1. decode, latent-major, over this thread's tokens (no barrier needed: its own entries)
     std::fill(acc + lo * d, acc + hi * d, 0.f);
     if (K2) std::fill(acc2 + lo * d, acc2 + hi * d, 0.f);
+    std::vector<int32_t> mine;  // this thread's entries in latent order, to request rows ahead
+    mine.reserve(sub[n * T] / T + 64);
+    for (i64 l = 0; l < n; ++l)
+      for (i64 e = sub[l * T + t]; e < sub[l * T + t + 1]; ++e) mine.push_back((int32_t)e);
+    const i64 n_mine = (i64)mine.size();
+    i64 j = 0;
     for (i64 l = 0; l < n; ++l) {
       const float* w = W_dec + l * d;
-      for (i64 e = sub[l * T + t]; e < sub[l * T + t + 1]; ++e) {
+      for (i64 e = sub[l * T + t]; e < sub[l * T + t + 1]; ++e, ++j) {
+        if (j + AHEAD < n_mine) {
+          const i64 f = mine[j + AHEAD];
+          prefetch_row_for_write((eaux[f] ? acc2 : acc) + erow[f] * d, d);
+        }
         if (eval[e] == 0.f) continue;
         float* a = (eaux[e] ? acc2 : acc) + erow[e] * d;
         const float v = eval[e];
@@ -520,7 +696,7 @@ void sae_topk_grads(i64 N, i64 d, i64 n, const float* x, const float* xc, const 
 #pragma omp simd
         for (i64 c = 0; c < d; ++c) a[c] -= proj * w[c];
       }
-      std::memcpy(dW_dec + l * d, a, d * sizeof(float));
+      store_uncached(dW_dec + l * d, a, d);
       fired[l] = count;
       sumsq[l] = dot(a, a, d);
     }
@@ -539,13 +715,16 @@ void sae_topk_grads(i64 N, i64 d, i64 n, const float* x, const float* xc, const 
 #pragma omp simd
         for (i64 c = 0; c < d; ++c) a[c] += gp * r[c];
       }
-      std::memcpy(dW_enc + l * d, a, d * sizeof(float));
+      store_uncached(dW_enc + l * d, a, d);
       db_enc[l] = gb;
       sumsq[l] += (double)gb * gb + dot(a, a, d);
       // b_dec's gradient through the encoder's input xc = x * scale - b_dec: -W_enc^T db_enc
       axpy(W_enc + l * d, -gb, mv.data(), d);
     }
     for (i64 c = 0; c < d; ++c) db[c] += mv[c];
+#ifdef __AVX2__
+    _mm_sfence();  // the uncached gradient stores, visible before the optimizer reads them
+#endif
   }
   for (i64 c = 0; c < d; ++c) {
     double v = 0.0;

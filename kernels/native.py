@@ -38,7 +38,7 @@ _tried = False
 
 _P, _I, _F, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
 SIGNATURES = {
-    "sae_topk_rows": ([_P, _I, _P, _I, _I, _I, _INT, _P, _P, _INT], _I),
+    "sae_topk_rows": ([_P, _I, _P, _I, _I, _I, _INT, _INT, _P, _P, _INT], _I),
     "sae_topk_cols": ([_P, _I, _P, _P, _I, _I, _I, _INT, _P, _P, _INT], _I),
     "sae_adam": ([_P, _P, _P, _P, _I, _I, _F, _F, _F, _F, ctypes.c_double, ctypes.c_double, _F, _INT, _INT], None),
     "sae_prepare": ([_P, _I, _I, _F, _P, _P, _INT], ctypes.c_double),
@@ -154,15 +154,17 @@ def _check(*tensors: torch.Tensor | None) -> None:
 
 
 def topk_rows(pre: torch.Tensor, bias: torch.Tensor | None, k: int, relu: bool,
-              out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Ranked per-row top ``k`` of ``pre + bias`` (``pre`` [N, n] float32, rows may be strided);
-    None if a row holds a NaN (use ``torch.topk``, which ranks NaN first)."""
+              out: tuple[torch.Tensor, torch.Tensor] | None = None,
+              ranked: bool = True) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Per-row top ``k`` of ``pre + bias`` (``pre`` [N, n] float32, rows may be strided), ranked
+    unless ``ranked=False`` (then in no particular order: faster); None if a row holds a NaN (use
+    ``torch.topk``, which ranks NaN first)."""
     n_rows, n = pre.shape
     if pre.stride(1) != 1:
         raise ValueError("pre must have unit column stride")
     vals, idx = out if out is not None else (torch.empty(n_rows, k), torch.empty(n_rows, k, dtype=torch.long))
     _check(bias, vals, idx)
-    bad = library().sae_topk_rows(pre.data_ptr(), pre.stride(0), _ptr(bias), n_rows, n, k, int(relu),
+    bad = library().sae_topk_rows(pre.data_ptr(), pre.stride(0), _ptr(bias), n_rows, n, k, int(relu), int(ranked),
                                   vals.data_ptr(), idx.data_ptr(), torch.get_num_threads())
     return None if bad else (vals, idx)
 

@@ -91,7 +91,7 @@ def loss_and_grads(model: TopKSAE, x: Tensor, dead_mask: Tensor | None) -> tuple
         with record_function("fused: encode GEMM"):
             pre = torch.mm(xc[s:e], W_enc.t(), out=buffer[: e - s])
         with record_function("fused: top-k"):
-            if native.topk_rows(pre, b_enc, cfg.k, relu=True, out=(vals[s:e], idx[s:e])) is None:
+            if native.topk_rows(pre, b_enc, cfg.k, relu=True, out=(vals[s:e], idx[s:e]), ranked=False) is None:
                 return None
             if k_aux:
                 picked = native.topk_cols(pre, b_enc, dead, k_aux, relu=True)

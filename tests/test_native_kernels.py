@@ -95,6 +95,53 @@ def test_topk_rows_handles_infinities():
     assert_same_selection(native.topk_rows(pre, None, 4, relu=False), pre, None, 4, False)
 
 
+@pytest.mark.parametrize("ranked", [True, False])
+def test_topk_rows_over_many_rows_of_changing_scale(ranked):
+    """Many rows (the single-pass selection starts from the k-th values of recent rows): rows far
+    below their predecessors (fewer than k elements reach the starting threshold), far above
+    them (the candidate buffer refills), constant rows (ties overflow it), and infinities."""
+    g = torch.Generator().manual_seed(3)
+    n, k = 1024, 32
+    scale = torch.ones(600)
+    scale[100:110], scale[200:210], scale[300] = 1e-3, 1e3, 0.0
+    pre = torch.randn(600, n, generator=g) * scale[:, None]
+    pre[400, 7], pre[401, 100:200], pre[402, :50] = float("inf"), float("-inf"), float("inf")
+    bias = torch.randn(n, generator=g)
+    for relu in (False, True):
+        vals, idx = native.topk_rows(pre, bias, k, relu, ranked=ranked)
+        if not ranked:  # same selection in some order: rank it for the comparison
+            vals, order = vals.sort(dim=1, descending=True, stable=True)
+            idx = idx.gather(1, order)
+        assert_same_selection((vals, idx), pre, bias, k, relu)
+
+
+def test_topk_rows_keeps_early_winners_when_its_buffer_refills():
+    """The row's top k come first and hundreds of lesser values follow: the single-pass
+    selection's candidate buffer overflows and must keep them (ties at its threshold included)."""
+    g = torch.Generator().manual_seed(5)
+    pre = torch.rand(64, 2048, generator=g)
+    pre[:, :32] = 11 + torch.rand(64, 32, generator=g)
+    pre[:, 31] = pre[:, 1500] = 10.5  # a tie at the k-th value: the lower column wins
+    for ranked in (True, False):
+        vals, idx = native.topk_rows(pre, None, 32, relu=False, ranked=ranked)
+        assert (idx.sort(dim=1).values == torch.arange(32)).all()
+
+
+def test_topk_rows_unranked_picks_the_ranked_set():
+    g = torch.Generator().manual_seed(4)
+    pre, bias = torch.randn(300, 2048, generator=g), torch.randn(2048, generator=g)
+    vals, idx = native.topk_rows(pre, bias, 16, relu=True)
+    vals_u, idx_u = native.topk_rows(pre, bias, 16, relu=True, ranked=False)
+    assert torch.equal(idx.sort(dim=1).values, idx_u.sort(dim=1).values)
+    assert torch.equal(vals_u, (pre + bias).gather(1, idx_u).clamp_min(0))
+
+
+def test_topk_rows_with_a_nan_after_many_rows_returns_none():
+    pre = torch.randn(200, 512)
+    pre[150, 300] = float("nan")
+    assert native.topk_rows(pre, None, 8, relu=True, ranked=False) is None
+
+
 @pytest.mark.parametrize("n,n_cols,k", [(50, 50, 3), (300, 17, 17), (1000, 130, 5), (1000, 1, 1), (4096, 1024, 64)])
 @pytest.mark.parametrize("relu", [False, True])
 def test_topk_cols_matches_a_masked_topk(n, n_cols, k, relu):
