@@ -795,9 +795,12 @@ void sae_topk_grads(i64 N, i64 d, i64 n, const float* x, const float* xc, const 
       store_uncached(dW_enc + l * d, a, d);
       db_enc[l] = gb;
       sumsq[l] += (double)gb * gb + dot(a, a, d);
-      // b_dec's gradient through the encoder's input xc = x * scale - b_dec: -W_enc^T db_enc
-      axpy(W_enc + l * d, -gb, mv.data(), d);
     }
+    // b_dec's gradient through the encoder's input xc = x * scale - b_dec: -W_enc^T db_enc, in a
+    // pass of its own (same rows per thread as above, so a fixed order): streaming W_enc while the
+    // gathers above run would cost 2.5x as much
+#pragma omp for schedule(static)
+    for (i64 l = 0; l < n; ++l) axpy(W_enc + l * d, -db_enc[l], mv.data(), d);
     for (i64 c = 0; c < d; ++c) db[c] += mv[c];
 #ifdef __AVX2__
     _mm_sfence();  // the uncached gradient stores, visible before the optimizer reads them
