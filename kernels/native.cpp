@@ -522,45 +522,34 @@ i64 sae_topk_cols(const float* pre, i64 ld, const float* bias, const i64* cols, 
 // The encoder's input, xc = x * scale - b_dec, and the total variance sum_i |x_i - mean(x)|^2
 // (the FVU's denominator, returned).
 double sae_prepare(const float* x, i64 N, i64 d, float scale, const float* b_dec, float* xc, int threads) {
-  std::vector<std::vector<double>> sums(threads, std::vector<double>(d, 0.0));
-  std::vector<double> mean(d, 0.0), var(threads, 0.0);
+  // one pass: per column sum x and sum x^2 (in double: the variance is their difference)
+  std::vector<std::vector<double>> sums(threads, std::vector<double>(2 * d, 0.0));
 #pragma omp parallel num_threads(threads)
   {
-    const int t = omp_get_thread_num();
-    double* s = sums[t].data();
+    double* s = sums[omp_get_thread_num()].data();
+    double* s2 = s + d;
 #pragma omp for schedule(static)
     for (i64 i = 0; i < N; ++i) {
       const float* xi = x + i * d;
       float* out = xc + i * d;
 #pragma omp simd
       for (i64 c = 0; c < d; ++c) {
-        s[c] += xi[c];
+        const double v = xi[c];
+        s[c] += v;
+        s2[c] += v * v;
         out[c] = xi[c] * scale - b_dec[c];
       }
     }
-#pragma omp barrier
-#pragma omp single
-    {
-      for (auto& part : sums)
-        for (i64 c = 0; c < d; ++c) mean[c] += part[c];
-      for (i64 c = 0; c < d; ++c) mean[c] /= (double)N;
-    }
-    double v = 0.0;
-#pragma omp for schedule(static)
-    for (i64 i = 0; i < N; ++i) {
-      const float* xi = x + i * d;
-      float row = 0.f;
-#pragma omp simd reduction(+ : row)
-      for (i64 c = 0; c < d; ++c) {
-        const float dev = xi[c] - (float)mean[c];
-        row += dev * dev;
-      }
-      v += row;
-    }
-    var[t] = v;
   }
   double total = 0.0;
-  for (double v : var) total += v;
+  for (i64 c = 0; c < d; ++c) {
+    double sum = 0.0, sum2 = 0.0;
+    for (auto& part : sums) {
+      sum += part[c];
+      sum2 += part[d + c];
+    }
+    total += std::max(sum2 - sum * sum / (double)N, 0.0);
+  }
   return total;
 }
 
