@@ -773,8 +773,8 @@ void sae_topk_grads(i64 N, i64 d, i64 n, const float* x, const float* xc, const 
       fired[l] = count;
       sumsq[l] = dot(a, a, d);
     }
-    // 4. per latent: encoder gradient rows (static: the thread sums of W_enc^T db_enc stay fixed)
-#pragma omp for schedule(static)
+    // 4. per latent: encoder gradient rows
+#pragma omp for schedule(dynamic, 64)
     for (i64 l = 0; l < n; ++l) {
       float* a = row.data();
       std::fill(a, a + d, 0.f);
@@ -802,8 +802,8 @@ void sae_topk_grads(i64 N, i64 d, i64 n, const float* x, const float* xc, const 
       sumsq[l] += (double)gb * gb + dot(a, a, d);
     }
     // b_dec's gradient through the encoder's input xc = x * scale - b_dec: -W_enc^T db_enc, in a
-    // pass of its own (same rows per thread as above, so a fixed order): streaming W_enc while the
-    // gathers above run would cost 2.5x as much
+    // pass of its own (static: each thread's partial sum runs over fixed rows in a fixed order):
+    // streaming W_enc while the gathers above run would cost 2.5x as much
 #pragma omp for schedule(static)
     for (i64 l = 0; l < n; ++l) axpy(W_enc + l * d, -db_enc[l], mv.data(), d);
     for (i64 c = 0; c < d; ++c) db[c] += mv[c];
