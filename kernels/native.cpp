@@ -492,13 +492,15 @@ i64 sae_topk_rows(const float* pre, i64 ld, const float* bias, i64 n_rows, i64 n
   return bad;
 }
 
-// Per-row top k of pre[r, cols] + bias[cols] over the given columns (AuxK: the dead latents),
-// ranked, as latent indices. Returns the number of rows holding a NaN there.
+// Per-row top k of pre[r, cols] + bias[cols] over the given columns (AuxK: the dead latents), as
+// latent indices, ranked unless told otherwise. Returns the number of rows holding a NaN there.
 i64 sae_topk_cols(const float* pre, i64 ld, const float* bias, const i64* cols, i64 n_cols, i64 n_rows,
-                  i64 k, int relu, float* vals, i64* idx, int threads) {
+                  i64 k, int relu, int ranked, float* vals, i64* idx, int threads) {
   i64 bad = 0;
 #pragma omp parallel num_threads(threads) reduction(+ : bad)
   {
+    // the gathered values, a copy for the selection (+ room for its partitions), sort keys
+    std::vector<float> gathered(n_cols), work(3 * (n_cols + 8));
     std::vector<uint64_t> cand(n_cols);
 #pragma omp for schedule(static)
     for (i64 r = 0; r < n_rows; ++r) {
@@ -507,13 +509,24 @@ i64 sae_topk_cols(const float* pre, i64 ld, const float* bias, const i64* cols, 
       for (i64 c = 0; c < n_cols; ++c) {
         const float v = p[cols[c]] + (bias ? bias[cols[c]] : 0.f);
         nan |= v != v;
-        cand[c] = key_of(v, cols[c]);
+        gathered[c] = v;
       }
       if (nan) {
         ++bad;
         continue;
       }
-      rank_top(cand.data(), n_cols, k, relu, vals + r * k, idx + r * k);
+      // sort keys only for the values reaching the k-th largest (k of them, or more on ties)
+      float t = -INFINITY;
+#ifdef __AVX2__
+      std::copy(gathered.begin(), gathered.end(), work.begin());
+      t = kth_largest(work.data(), work.data() + n_cols + 8, n_cols, k);
+#endif
+      i64 m = 0;
+      for (i64 c = 0; c < n_cols; ++c) {
+        cand[m] = key_of(gathered[c], cols[c]);
+        m += gathered[c] >= t;
+      }
+      rank_top(cand.data(), m, k, relu, vals + r * k, idx + r * k, ranked);
     }
   }
   return bad;

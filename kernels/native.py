@@ -39,7 +39,7 @@ _tried = False
 _P, _I, _F, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
 SIGNATURES = {
     "sae_topk_rows": ([_P, _I, _P, _I, _I, _I, _INT, _INT, _P, _P, _INT], _I),
-    "sae_topk_cols": ([_P, _I, _P, _P, _I, _I, _I, _INT, _P, _P, _INT], _I),
+    "sae_topk_cols": ([_P, _I, _P, _P, _I, _I, _I, _INT, _INT, _P, _P, _INT], _I),
     "sae_adam": ([_P, _P, _P, _P, _I, _I, _F, _F, _F, _F, ctypes.c_double, ctypes.c_double, _F, _INT, _INT], None),
     "sae_prepare": ([_P, _I, _I, _F, _P, _P, _INT], ctypes.c_double),
     "sae_topk_grads": ([_I, _I, _I, _P, _P, _P, _P, _I, _P, _P, _I, _P, _P, _P, _F, ctypes.c_double, _F, _INT,
@@ -170,16 +170,19 @@ def topk_rows(pre: torch.Tensor, bias: torch.Tensor | None, k: int, relu: bool,
 
 
 def topk_cols(pre: torch.Tensor, bias: torch.Tensor | None, cols: torch.Tensor, k: int,
-              relu: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Ranked per-row top ``k`` of ``(pre + bias)[:, cols]``, as column indices; None on a NaN."""
+              relu: bool, ranked: bool = True) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Per-row top ``k`` of ``(pre + bias)[:, cols]``, as column indices, ranked unless
+    ``ranked=False``; None on a NaN."""
     n_rows = pre.shape[0]
     if pre.stride(1) != 1:
         raise ValueError("pre must have unit column stride")
+    if not 0 < k <= cols.numel():
+        raise ValueError(f"k={k} must be between 1 and the number of columns ({cols.numel()})")
     cols = cols.contiguous()
     vals, idx = torch.empty(n_rows, k), torch.empty(n_rows, k, dtype=torch.long)
     _check(bias, cols, vals, idx)
     bad = library().sae_topk_cols(pre.data_ptr(), pre.stride(0), _ptr(bias), cols.data_ptr(), cols.numel(), n_rows,
-                                  k, int(relu), vals.data_ptr(), idx.data_ptr(), torch.get_num_threads())
+                                  k, int(relu), int(ranked), vals.data_ptr(), idx.data_ptr(), torch.get_num_threads())
     return None if bad else (vals, idx)
 
 

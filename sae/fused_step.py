@@ -94,7 +94,7 @@ def loss_and_grads(model: TopKSAE, x: Tensor, dead_mask: Tensor | None) -> tuple
             if native.topk_rows(pre, b_enc, cfg.k, relu=True, out=(vals[s:e], idx[s:e]), ranked=False) is None:
                 return None
             if k_aux:
-                picked = native.topk_cols(pre, b_enc, dead, k_aux, relu=True)
+                picked = native.topk_cols(pre, b_enc, dead, k_aux, relu=True, ranked=False)
                 if picked is None:
                     return None
                 aux_vals[s:e], aux_idx[s:e] = picked

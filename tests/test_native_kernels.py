@@ -159,6 +159,21 @@ def test_topk_cols_matches_a_masked_topk(n, n_cols, k, relu):
     assert all(set(a) == set(b) for a, b in zip(idx.tolist(), want.indices.tolist()))
 
 
+def test_topk_cols_unranked_picks_the_ranked_set_with_ties_and_infinities():
+    g = torch.Generator().manual_seed(6)
+    pre = torch.randint(-4, 5, (64, 3000), generator=g).float()  # many ties at the k-th value
+    pre[3, 7], pre[4, :100] = float("inf"), float("-inf")
+    cols = torch.randperm(3000, generator=g)[:1200]
+    for relu in (False, True):
+        ranked = native.topk_cols(pre, None, cols, 40, relu)
+        vals, idx = native.topk_cols(pre, None, cols, 40, relu, ranked=False)
+        assert torch.equal(idx.sort(dim=1).values, ranked[1].sort(dim=1).values)
+        picked = pre.gather(1, idx)
+        assert torch.equal(vals, picked.clamp_min(0) if relu else picked)
+    with pytest.raises(ValueError, match="k=5"):
+        native.topk_cols(pre, None, cols[:4], 5, relu=False)
+
+
 def test_topk_cols_with_a_nan_among_the_columns_returns_none_and_ignores_others():
     pre = torch.randn(4, 60)
     pre[2, 10] = float("nan")
