@@ -1,11 +1,15 @@
 // Native CPU kernels for the TopK training step: selection, fused decode + loss gradient, and
-// the transposed (per-latent) gradient products. Compiled on first use by kernels/_native.py
+// the transposed (per-latent) gradient products. Compiled on first use by kernels/native.py
 // with -fopenmp; inside a torch process the OpenMP runtime is torch's own libgomp (same soname),
 // so these parallel loops share torch's thread pool instead of fighting it for the cores.
 //
 // All tensors are contiguous row-major float32 / int64, checked by the Python wrappers.
 // Reductions keep a fixed order (per-row or per-latent partial results, summed by the caller),
 // so results do not depend on thread scheduling.
+//
+// Everything here but the optimizer is bound by memory, not arithmetic: the designs below are
+// about how many bytes move and whether they come from DRAM, L3 or L1 (DESIGN.md lists what was
+// measured, including what did not help).
 
 #include <algorithm>
 #include <cmath>
@@ -444,8 +448,10 @@ bool top_k_stream(const float* p, const float* bias, i64 n, i64 k, float thr, bo
 
 extern "C" {
 
-// Per-row top k of pre[r, :n] + bias (bias may be null), ranked, written to vals/idx [n_rows, k]
-// (values clamped at 0 if relu). Returns the number of rows holding a NaN (left unwritten).
+// Per-row top k of pre[r, :n] + bias (bias may be null), written to vals/idx [n_rows, k] (values
+// clamped at 0 if relu), ranked unless told otherwise. Returns the number of rows holding a NaN
+// (left unwritten). With AVX2, n % 8 == 0 and k <= 64, rows go through top_k_stream, starting
+// from the thread's recent rows (rows are split between threads in fixed ranges).
 i64 sae_topk_rows(const float* pre, i64 ld, const float* bias, i64 n_rows, i64 n, i64 k, int relu, int ranked,
                   float* vals, i64* idx, int threads) {
   // about 16 elements per block, a multiple of 8 blocks (vector width), at least k blocks
@@ -586,12 +592,15 @@ double sae_prepare(const float* x, i64 N, i64 d, float scale, const float* b_dec
 // Memory layout drives the design: the step is bound by gathering 2.3 KB rows at random. Entries
 // are bucketed by latent (a stable counting sort), and every product runs latent by latent:
 //   1. decode: acc[row] += v W_dec[l], each thread owning half of the tokens (a 5 MB half stays
-//      in cache; measured 25% faster than gathering 32 rows of the 21 MB W_dec per token);
+//      in cache; measured 25% faster than gathering 32 rows of the 21 MB W_dec per token), the
+//      rows to update requested a few entries ahead;
 //   2. per token: residual, loss, D = dloss/dacc (in place of acc);
 //   3. per latent: gather D rows: dvals = <D[row], W_dec[l]> and dW_dec[l] = sum v D[row];
-//   4. per latent: gather xc rows: dW_enc[l] = sum dpre xc[row], db_enc[l] = sum dpre, and
-//      b_dec's gradient through xc, -W_enc^T db_enc, from the W_enc rows while they stream by.
-// Each sum runs in a fixed order, whatever the thread scheduling.
+//   4. per latent: gather xc rows: dW_enc[l] = sum dpre xc[row], db_enc[l] = sum dpre;
+//   5. b_dec's gradient through xc, -W_enc^T db_enc, streaming W_enc once.
+// Passes 3 and 4 take four entries at a time with the gradient row in registers (dot_axpy4,
+// axpy4) and write the finished rows past the caches (store_uncached), which would otherwise
+// evict the rows they gather. Each sum runs in a fixed order, whatever the thread scheduling.
 void sae_topk_grads(i64 N, i64 d, i64 n, const float* x, const float* xc, const float* vals, const i64* idx,
                     i64 K, const float* vals2, const i64* idx2, i64 K2, const float* W_enc, const float* W_dec,
                     const float* b_dec, float inv_scale, double total, float aux_coeff, int project, float* dW_dec,

@@ -6,8 +6,9 @@ It computes exactly what ``TopKSAE.loss(x, dead_mask).loss.backward()`` followed
 1. ``xc = x * input_scale - b_dec`` and the FVU's denominator in one pass over x
    (``kernels.native.prepare``); the encoder GEMM ``xc @ W_enc^T`` into a reused buffer (one
    call for the whole batch where it fits: row chunks cost the GEMM 3-13%);
-2. per row, the ranked top k of ``pre + b_enc`` (and the AuxK top among the dead latents) in one
-   pass over the pre-activations (``topk_rows``, ``topk_cols``);
+2. per row, the top k of ``pre + b_enc`` (and the AuxK top among the dead latents) in one pass
+   over the pre-activations (``topk_rows``, ``topk_cols``), unranked: step 3 sorts entries by
+   latent anyway;
 3. decode, loss and every gradient (``topk_grads``): a latent-major decode, the residual per
    token, then per latent the decoder gradient rows (the part along each decoder row removed)
    and the encoder gradient rows, written into the existing ``.grad`` tensors (no zeroing, no
