@@ -1,5 +1,6 @@
 """The native CPU kernels (``kernels.native``) against plain torch: selection, input preparation,
 Adam, and how the library is built, cached and given up on."""
+import contextlib
 import os
 import time
 import warnings
@@ -140,6 +141,114 @@ def test_topk_rows_with_a_nan_after_many_rows_returns_none():
     pre = torch.randn(200, 512)
     pre[150, 300] = float("nan")
     assert native.topk_rows(pre, None, 8, relu=True, ranked=False) is None
+
+
+@contextlib.contextmanager
+def torch_threads(count: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def ranked_by_value(got):
+    """An unranked selection ranked (value descending, then column ascending) for comparison."""
+    vals, idx = got
+    idx, order = idx.sort(dim=1)
+    vals = vals.gather(1, order)
+    vals, order = vals.sort(dim=1, descending=True, stable=True)
+    return vals, idx.gather(1, order)
+
+
+@pytest.mark.parametrize("n,k", [(8, 1), (8, 8), (64, 64), (128, 64), (128, 65), (1024, 64), (1024, 65)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_topk_rows_single_pass_edges_on_one_and_two_threads(n, k, threads):
+    """n = 8 (one vector a row), k = n, and k = 64 / 65 (the last k of the single pass and the
+    first past it), over enough rows that each thread starts from its recent rows' threshold."""
+    g = torch.Generator().manual_seed(n + k)
+    pre = torch.randn(70, n, generator=g) * torch.logspace(-2, 2, 70)[torch.randperm(70, generator=g), None]
+    bias = torch.randn(n, generator=g)
+    with torch_threads(threads):
+        for b in (None, bias):
+            ranked = native.topk_rows(pre, b, k, relu=False)
+            assert_same_selection(ranked, pre, b, k, False)
+            unranked = native.topk_rows(pre, b, k, relu=True, ranked=False)
+            assert_same_selection(ranked_by_value(unranked), pre, b, k, True)
+            # the same set, ties at the k-th value included (the lower column wins on every path)
+            assert torch.equal(ranked_by_value(native.topk_rows(pre, b, k, relu=False, ranked=False))[1], ranked[1])
+
+
+def test_topk_rows_is_the_same_on_one_and_two_threads_over_rows_of_jumping_scale():
+    """The starting threshold comes from each thread's own recent rows, so the two thread counts
+    take different paths through rows whose scale jumps by 10^6; the result must not change."""
+    g = torch.Generator().manual_seed(8)
+    scale = 10.0 ** torch.tensor([(-3, 0, 3)[(r // 7) % 3] for r in range(160)])
+    pre = torch.randn(160, 512, generator=g) * scale[:, None] + 0.5 * scale[:, None]
+    bias = torch.randn(512, generator=g) * 0.01
+    results = []
+    for threads in (1, 2):
+        with torch_threads(threads):
+            results.append(native.topk_rows(pre, bias, 24, relu=True))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    assert_same_selection(results[0], pre, bias, 24, True)
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_topk_rows_single_pass_on_strided_rows_reads_only_its_columns(with_bias):
+    """Rows of n % 8 == 0 (the single pass) sliced from a wider buffer whose other columns hold
+    values larger than any in the slice: reading past a row's end would pick them."""
+    g = torch.Generator().manual_seed(9)
+    wide = torch.full((60, 700), 1e6)
+    wide[:, 96:608] = torch.randn(60, 512, generator=g)
+    pre = wide[:, 96:608]
+    bias = torch.randn(512, generator=g) if with_bias else None
+    for k in (1, 16, 64):
+        for ranked in (True, False):
+            got = native.topk_rows(pre, bias, k, relu=False, ranked=ranked)
+            assert_same_selection(got if ranked else ranked_by_value(got), pre.contiguous(), bias, k, False)
+
+
+def test_topk_rows_constant_rows_rows_below_the_threshold_and_ties_overflowing_the_buffer():
+    """After ordinary rows (a starting threshold near their k-th value): constant rows above and
+    below it and at zero (ties overflow the candidate buffer), a row entirely below it, one with
+    exactly k elements above it, and two whose k-th value is shared by 500 and by 100 elements
+    (the larger values after them). Ties go to the lowest columns."""
+    g = torch.Generator().manual_seed(10)
+    n, k = 1024, 32
+    pre = torch.randn(48, n, generator=g)
+    pre[20], pre[21], pre[22] = 7.0, -7.0, 0.0
+    pre[23] = torch.randn(n, generator=g) * 1e-3 - 10  # all below the threshold
+    pre[24] = -5.0
+    pre[24, torch.randperm(n, generator=g)[:k]] = 5.0 + torch.rand(k, generator=g)  # exactly k above it
+    pre[25] = torch.rand(n, generator=g)
+    pre[25, 1000:1020] = 9 + torch.rand(20, generator=g)
+    pre[25, 300:800] = 3.0  # 500 ties at the k-th value, before the larger values
+    pre[26] = pre[25]
+    pre[26, 400:800] = 0.5  # 100 ties: the candidate buffer holds them
+    for ranked in (True, False):
+        for relu in (False, True):
+            got = native.topk_rows(pre, None, k, relu, ranked=ranked)
+            vals, idx = got if ranked else ranked_by_value(got)
+            assert_same_selection((vals, idx), pre, None, k, relu)
+            for row in (20, 21, 22):
+                assert torch.equal(idx[row], torch.arange(k)), "a tie at the k-th value: the lowest columns"
+            for row in (25, 26):
+                assert set(idx[row].tolist()) == set(range(1000, 1020)) | set(range(300, 312))
+            assert set(idx[24].tolist()) == set((pre[24] > 0).nonzero().flatten().tolist())
+
+
+def test_topk_rows_refuses_k_out_of_range_and_misshapen_outputs():
+    pre = torch.randn(4, 16)
+    for k in (0, 17):
+        with pytest.raises(ValueError, match=f"k={k}"):
+            native.topk_rows(pre, None, k, relu=False)
+    with pytest.raises(ValueError, match="out must be"):
+        native.topk_rows(pre, None, 3, relu=False, out=(torch.empty(4, 2), torch.empty(4, 2, dtype=torch.long)))
+    with pytest.raises(ValueError, match="bias"):
+        native.topk_rows(pre, torch.randn(8), 3, relu=False)
+    assert native.topk_rows(pre, None, 16, relu=False) is not None
 
 
 @pytest.mark.parametrize("n,n_cols,k", [(50, 50, 3), (300, 17, 17), (1000, 130, 5), (1000, 1, 1), (4096, 1024, 64)])
