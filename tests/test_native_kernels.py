@@ -239,6 +239,31 @@ def test_topk_rows_constant_rows_rows_below_the_threshold_and_ties_overflowing_t
             assert set(idx[24].tolist()) == set((pre[24] > 0).nonzero().flatten().tolist())
 
 
+def test_topk_rows_breaks_ties_between_signed_zeros_by_column_whatever_the_rows_before():
+    """-0.0 == 0.0: a k-th value of zero shared by both signs goes to the lowest columns. The row
+    alone takes the fallback selection (260 ties at -0.5 overflow the single pass's buffer from
+    a threshold of -inf); after rows whose k-th value is 0 it takes the single pass. Both paths,
+    and so 1 and 2 threads, must pick the same zeros."""
+    n, k = 1024, 30
+    row = torch.full((n,), -1.0)
+    row[300:320] = 2.0 + torch.arange(20.0)
+    row[600:620] = torch.tensor([-0.0, 0.0] * 10)
+    target = row.clone()
+    target[:260] = -0.5
+    want = set(range(300, 320)) | set(range(600, 610))
+    rows = torch.stack([row] * 20 + [target])
+    for ranked in (True, False):
+        alone = native.topk_rows(target[None].clone(), None, k, relu=False, ranked=ranked)
+        assert set(alone[1][0].tolist()) == want
+        for threads in (1, 2):
+            with torch_threads(threads):
+                after = native.topk_rows(rows, None, k, relu=False, ranked=ranked)
+            assert set(after[1][-1].tolist()) == want
+    # a bias of -0.0 keeps each zero's sign (-0 + -0 = -0, 0 + -0 = 0)
+    _, idx = native.topk_cols(target[None].clone(), torch.full((n,), -0.0), torch.arange(590, 620), 5, relu=False)
+    assert set(idx[0].tolist()) == set(range(600, 605))
+
+
 def test_topk_rows_refuses_k_out_of_range_and_misshapen_outputs():
     pre = torch.randn(4, 16)
     for k in (0, 17):
@@ -283,6 +308,26 @@ def test_topk_cols_unranked_picks_the_ranked_set_with_ties_and_infinities():
         native.topk_cols(pre, None, cols[:4], 5, relu=False)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_topk_cols_takes_every_column_and_the_k_th_among_infinities_and_ties(threads):
+    """k = the number of columns (all of them, the quickselect's k = count) and k near it, on rows
+    with -inf, +inf, signed zeros and many ties: the values equal a topk over those columns."""
+    g = torch.Generator().manual_seed(11)
+    pre = torch.randint(-2, 3, (30, 400), generator=g).float()
+    pre[:10, ::3] = float("-inf")
+    pre[10:20, ::5] = float("inf")
+    pre[20:] = torch.where(torch.rand(10, 400, generator=g) < 0.5, -0.0, 0.0)
+    cols = torch.randperm(400, generator=g)[:90]
+    with torch_threads(threads):
+        for k in (90, 89, 45, 1):
+            for ranked in (True, False):
+                vals, idx = native.topk_cols(pre, None, cols, k, relu=False, ranked=ranked)
+                want = pre[:, cols].topk(k, dim=1).values
+                assert torch.equal(vals.sort(dim=1, descending=True).values, want)
+                assert torch.isin(idx, cols).all() and all(len(set(row)) == k for row in idx.tolist())
+                assert torch.equal(pre.gather(1, idx), vals)
+
+
 def test_topk_cols_with_a_nan_among_the_columns_returns_none_and_ignores_others():
     pre = torch.randn(4, 60)
     pre[2, 10] = float("nan")
@@ -300,6 +345,22 @@ def test_prepare_matches_torch():
     assert total == pytest.approx(float((x64 - x64.mean(0)).pow(2).sum()), rel=1e-5)
     _, total_nan = native.prepare(torch.where(torch.arange(45) == 7, float("nan"), x), 1.0, b_dec)
     assert total_nan != total_nan
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_prepare_total_variance_of_a_large_mean_and_small_spread(threads):
+    """sum(x^2) - sum(x)^2 / N cancels when the mean dwarfs the spread: columns of mean 100-600
+    and spread ~1 (beyond real activations, whose |mean| / std stays below ~10) keep 1e-7 of a
+    float64 reference; one row has zero variance."""
+    g = torch.Generator().manual_seed(12)
+    x = 100 + 500 * torch.rand(64, generator=g) + torch.randn(515, 64, generator=g)
+    b_dec = torch.randn(64, generator=g)
+    with torch_threads(threads):
+        xc, total = native.prepare(x, 0.5, b_dec)
+        torch.testing.assert_close(xc, x * 0.5 - b_dec, rtol=1e-6, atol=1e-6)
+        x64 = x.double()
+        assert total == pytest.approx(float((x64 - x64.mean(0)).pow(2).sum()), rel=1e-7)
+        assert native.prepare(x[:1], 1.0, b_dec)[1] == pytest.approx(0.0, abs=1e-6)
 
 
 def test_scratch_reuses_its_buffer():
