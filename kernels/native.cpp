@@ -192,8 +192,12 @@ inline float unordered(uint32_t u) {
   return v;
 }
 
-// Sort key: value descending, then column ascending (columns < 2^32).
-inline uint64_t key_of(float v, i64 col) { return (uint64_t)ordered(v) << 32 | (0xffffffffu - (uint32_t)col); }
+// Sort key: value descending, then column ascending (columns < 2^32). -0.0 counts as 0.0, as in
+// the comparisons that pick the candidates: otherwise which of two zeros tied at the k-th value
+// wins would depend on whether a path added a null bias (+ 0.f turns -0.0 into 0.0).
+inline uint64_t key_of(float v, i64 col) {
+  return (uint64_t)ordered(v == 0.f ? 0.f : v) << 32 | (0xffffffffu - (uint32_t)col);
+}
 
 // Writes the k best keys of keys[0:count] (ranked, unless told otherwise) as values (clamped at 0
 // if relu) and columns; returns the k-th best value (unclamped).

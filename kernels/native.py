@@ -162,7 +162,12 @@ def topk_rows(pre: torch.Tensor, bias: torch.Tensor | None, k: int, relu: bool,
     n_rows, n = pre.shape
     if pre.stride(1) != 1:
         raise ValueError("pre must have unit column stride")
+    if not 0 < k <= n:  # the kernel would read and write past its buffers
+        raise ValueError(f"k={k} must be between 1 and the number of columns ({n})")
     vals, idx = out if out is not None else (torch.empty(n_rows, k), torch.empty(n_rows, k, dtype=torch.long))
+    if vals.shape != (n_rows, k) or idx.shape != (n_rows, k) or (bias is not None and bias.shape != (n,)):
+        raise ValueError(f"out must be two [{n_rows}, {k}] tensors and bias [{n}], got "
+                         f"{tuple(vals.shape)}, {tuple(idx.shape)}, {None if bias is None else tuple(bias.shape)}")
     _check(bias, vals, idx)
     bad = library().sae_topk_rows(pre.data_ptr(), pre.stride(0), _ptr(bias), n_rows, n, k, int(relu), int(ranked),
                                   vals.data_ptr(), idx.data_ptr(), torch.get_num_threads())

@@ -88,6 +88,29 @@ def test_fused_step_equals_autograd(d, n, k, scale, with_dead):
     assert norm == pytest.approx(sum(float(g.double().pow(2).sum()) for g in got.values()) ** 0.5, rel=1e-6)
 
 
+@pytest.mark.parametrize("d", [32, 48])
+def test_fused_step_four_entries_at_a_time_on_one_and_two_threads(d):
+    """d % 16 == 0 (the gradient passes take four entries at a time, dot_axpy4 / axpy4, plus a
+    remainder), ~25 entries per latent, AuxK on: autograd's gradients on 1 and 2 threads, and the
+    per-latent gradients bit for bit the same on both (each sums its entries in a fixed order)."""
+    model = topk_model(d, n=64, k=8)
+    x, dead = batch(d=d), dead_latents(64)
+    want_out, want = autograd_step(copy.deepcopy(model), x, dead)
+    runs = []
+    for threads in (1, 2):
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            out, _, got = fused(model, x, dead)
+        finally:
+            torch.set_num_threads(before)
+        assert_grads_close(got, want)
+        assert_outputs_agree(out, want_out)
+        runs.append(got)
+    for name in ("W_enc", "b_enc", "W_dec"):
+        assert torch.equal(runs[0][name], runs[1][name]), name
+
+
 def test_fused_step_with_few_dead_latents_and_no_dead_mask_entries():
     """Fewer dead latents than k_aux (AuxK takes all of them), and an all-False mask (no AuxK)."""
     model = topk_model()

@@ -1,5 +1,6 @@
 """The native CPU kernels (``kernels.native``) against plain torch: selection, input preparation,
 Adam, and how the library is built, cached and given up on."""
+import contextlib
 import os
 import time
 import warnings
@@ -142,6 +143,139 @@ def test_topk_rows_with_a_nan_after_many_rows_returns_none():
     assert native.topk_rows(pre, None, 8, relu=True, ranked=False) is None
 
 
+@contextlib.contextmanager
+def torch_threads(count: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def ranked_by_value(got):
+    """An unranked selection ranked (value descending, then column ascending) for comparison."""
+    vals, idx = got
+    idx, order = idx.sort(dim=1)
+    vals = vals.gather(1, order)
+    vals, order = vals.sort(dim=1, descending=True, stable=True)
+    return vals, idx.gather(1, order)
+
+
+@pytest.mark.parametrize("n,k", [(8, 1), (8, 8), (64, 64), (128, 64), (128, 65), (1024, 64), (1024, 65)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_topk_rows_single_pass_edges_on_one_and_two_threads(n, k, threads):
+    """n = 8 (one vector a row), k = n, and k = 64 / 65 (the last k of the single pass and the
+    first past it), over enough rows that each thread starts from its recent rows' threshold."""
+    g = torch.Generator().manual_seed(n + k)
+    pre = torch.randn(70, n, generator=g) * torch.logspace(-2, 2, 70)[torch.randperm(70, generator=g), None]
+    bias = torch.randn(n, generator=g)
+    with torch_threads(threads):
+        for b in (None, bias):
+            ranked = native.topk_rows(pre, b, k, relu=False)
+            assert_same_selection(ranked, pre, b, k, False)
+            unranked = native.topk_rows(pre, b, k, relu=True, ranked=False)
+            assert_same_selection(ranked_by_value(unranked), pre, b, k, True)
+            # the same set, ties at the k-th value included (the lower column wins on every path)
+            assert torch.equal(ranked_by_value(native.topk_rows(pre, b, k, relu=False, ranked=False))[1], ranked[1])
+
+
+def test_topk_rows_is_the_same_on_one_and_two_threads_over_rows_of_jumping_scale():
+    """The starting threshold comes from each thread's own recent rows, so the two thread counts
+    take different paths through rows whose scale jumps by 10^6; the result must not change."""
+    g = torch.Generator().manual_seed(8)
+    scale = 10.0 ** torch.tensor([(-3, 0, 3)[(r // 7) % 3] for r in range(160)])
+    pre = torch.randn(160, 512, generator=g) * scale[:, None] + 0.5 * scale[:, None]
+    bias = torch.randn(512, generator=g) * 0.01
+    results = []
+    for threads in (1, 2):
+        with torch_threads(threads):
+            results.append(native.topk_rows(pre, bias, 24, relu=True))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    assert_same_selection(results[0], pre, bias, 24, True)
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_topk_rows_single_pass_on_strided_rows_reads_only_its_columns(with_bias):
+    """Rows of n % 8 == 0 (the single pass) sliced from a wider buffer whose other columns hold
+    values larger than any in the slice: reading past a row's end would pick them."""
+    g = torch.Generator().manual_seed(9)
+    wide = torch.full((60, 700), 1e6)
+    wide[:, 96:608] = torch.randn(60, 512, generator=g)
+    pre = wide[:, 96:608]
+    bias = torch.randn(512, generator=g) if with_bias else None
+    for k in (1, 16, 64):
+        for ranked in (True, False):
+            got = native.topk_rows(pre, bias, k, relu=False, ranked=ranked)
+            assert_same_selection(got if ranked else ranked_by_value(got), pre.contiguous(), bias, k, False)
+
+
+def test_topk_rows_constant_rows_rows_below_the_threshold_and_ties_overflowing_the_buffer():
+    """After ordinary rows (a starting threshold near their k-th value): constant rows above and
+    below it and at zero (ties overflow the candidate buffer), a row entirely below it, one with
+    exactly k elements above it, and two whose k-th value is shared by 500 and by 100 elements
+    (the larger values after them). Ties go to the lowest columns."""
+    g = torch.Generator().manual_seed(10)
+    n, k = 1024, 32
+    pre = torch.randn(48, n, generator=g)
+    pre[20], pre[21], pre[22] = 7.0, -7.0, 0.0
+    pre[23] = torch.randn(n, generator=g) * 1e-3 - 10  # all below the threshold
+    pre[24] = -5.0
+    pre[24, torch.randperm(n, generator=g)[:k]] = 5.0 + torch.rand(k, generator=g)  # exactly k above it
+    pre[25] = torch.rand(n, generator=g)
+    pre[25, 1000:1020] = 9 + torch.rand(20, generator=g)
+    pre[25, 300:800] = 3.0  # 500 ties at the k-th value, before the larger values
+    pre[26] = pre[25]
+    pre[26, 400:800] = 0.5  # 100 ties: the candidate buffer holds them
+    for ranked in (True, False):
+        for relu in (False, True):
+            got = native.topk_rows(pre, None, k, relu, ranked=ranked)
+            vals, idx = got if ranked else ranked_by_value(got)
+            assert_same_selection((vals, idx), pre, None, k, relu)
+            for row in (20, 21, 22):
+                assert torch.equal(idx[row], torch.arange(k)), "a tie at the k-th value: the lowest columns"
+            for row in (25, 26):
+                assert set(idx[row].tolist()) == set(range(1000, 1020)) | set(range(300, 312))
+            assert set(idx[24].tolist()) == set((pre[24] > 0).nonzero().flatten().tolist())
+
+
+def test_topk_rows_breaks_ties_between_signed_zeros_by_column_whatever_the_rows_before():
+    """-0.0 == 0.0: a k-th value of zero shared by both signs goes to the lowest columns. The row
+    alone takes the fallback selection (260 ties at -0.5 overflow the single pass's buffer from
+    a threshold of -inf); after rows whose k-th value is 0 it takes the single pass. Both paths,
+    and so 1 and 2 threads, must pick the same zeros."""
+    n, k = 1024, 30
+    row = torch.full((n,), -1.0)
+    row[300:320] = 2.0 + torch.arange(20.0)
+    row[600:620] = torch.tensor([-0.0, 0.0] * 10)
+    target = row.clone()
+    target[:260] = -0.5
+    want = set(range(300, 320)) | set(range(600, 610))
+    rows = torch.stack([row] * 20 + [target])
+    for ranked in (True, False):
+        alone = native.topk_rows(target[None].clone(), None, k, relu=False, ranked=ranked)
+        assert set(alone[1][0].tolist()) == want
+        for threads in (1, 2):
+            with torch_threads(threads):
+                after = native.topk_rows(rows, None, k, relu=False, ranked=ranked)
+            assert set(after[1][-1].tolist()) == want
+    # a bias of -0.0 keeps each zero's sign (-0 + -0 = -0, 0 + -0 = 0)
+    _, idx = native.topk_cols(target[None].clone(), torch.full((n,), -0.0), torch.arange(590, 620), 5, relu=False)
+    assert set(idx[0].tolist()) == set(range(600, 605))
+
+
+def test_topk_rows_refuses_k_out_of_range_and_misshapen_outputs():
+    pre = torch.randn(4, 16)
+    for k in (0, 17):
+        with pytest.raises(ValueError, match=f"k={k}"):
+            native.topk_rows(pre, None, k, relu=False)
+    with pytest.raises(ValueError, match="out must be"):
+        native.topk_rows(pre, None, 3, relu=False, out=(torch.empty(4, 2), torch.empty(4, 2, dtype=torch.long)))
+    with pytest.raises(ValueError, match="bias"):
+        native.topk_rows(pre, torch.randn(8), 3, relu=False)
+    assert native.topk_rows(pre, None, 16, relu=False) is not None
+
+
 @pytest.mark.parametrize("n,n_cols,k", [(50, 50, 3), (300, 17, 17), (1000, 130, 5), (1000, 1, 1), (4096, 1024, 64)])
 @pytest.mark.parametrize("relu", [False, True])
 def test_topk_cols_matches_a_masked_topk(n, n_cols, k, relu):
@@ -174,6 +308,26 @@ def test_topk_cols_unranked_picks_the_ranked_set_with_ties_and_infinities():
         native.topk_cols(pre, None, cols[:4], 5, relu=False)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_topk_cols_takes_every_column_and_the_k_th_among_infinities_and_ties(threads):
+    """k = the number of columns (all of them, the quickselect's k = count) and k near it, on rows
+    with -inf, +inf, signed zeros and many ties: the values equal a topk over those columns."""
+    g = torch.Generator().manual_seed(11)
+    pre = torch.randint(-2, 3, (30, 400), generator=g).float()
+    pre[:10, ::3] = float("-inf")
+    pre[10:20, ::5] = float("inf")
+    pre[20:] = torch.where(torch.rand(10, 400, generator=g) < 0.5, -0.0, 0.0)
+    cols = torch.randperm(400, generator=g)[:90]
+    with torch_threads(threads):
+        for k in (90, 89, 45, 1):
+            for ranked in (True, False):
+                vals, idx = native.topk_cols(pre, None, cols, k, relu=False, ranked=ranked)
+                want = pre[:, cols].topk(k, dim=1).values
+                assert torch.equal(vals.sort(dim=1, descending=True).values, want)
+                assert torch.isin(idx, cols).all() and all(len(set(row)) == k for row in idx.tolist())
+                assert torch.equal(pre.gather(1, idx), vals)
+
+
 def test_topk_cols_with_a_nan_among_the_columns_returns_none_and_ignores_others():
     pre = torch.randn(4, 60)
     pre[2, 10] = float("nan")
@@ -191,6 +345,22 @@ def test_prepare_matches_torch():
     assert total == pytest.approx(float((x64 - x64.mean(0)).pow(2).sum()), rel=1e-5)
     _, total_nan = native.prepare(torch.where(torch.arange(45) == 7, float("nan"), x), 1.0, b_dec)
     assert total_nan != total_nan
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_prepare_total_variance_of_a_large_mean_and_small_spread(threads):
+    """sum(x^2) - sum(x)^2 / N cancels when the mean dwarfs the spread: columns of mean 100-600
+    and spread ~1 (beyond real activations, whose |mean| / std stays below ~10) keep 1e-7 of a
+    float64 reference; one row has zero variance."""
+    g = torch.Generator().manual_seed(12)
+    x = 100 + 500 * torch.rand(64, generator=g) + torch.randn(515, 64, generator=g)
+    b_dec = torch.randn(64, generator=g)
+    with torch_threads(threads):
+        xc, total = native.prepare(x, 0.5, b_dec)
+        torch.testing.assert_close(xc, x * 0.5 - b_dec, rtol=1e-6, atol=1e-6)
+        x64 = x.double()
+        assert total == pytest.approx(float((x64 - x64.mean(0)).pow(2).sum()), rel=1e-7)
+        assert native.prepare(x[:1], 1.0, b_dec)[1] == pytest.approx(0.0, abs=1e-6)
 
 
 def test_scratch_reuses_its_buffer():
