@@ -183,6 +183,11 @@ def topk_cols(pre: torch.Tensor, bias: torch.Tensor | None, cols: torch.Tensor, 
         raise ValueError("pre must have unit column stride")
     if not 0 < k <= cols.numel():
         raise ValueError(f"k={k} must be between 1 and the number of columns ({cols.numel()})")
+    n = pre.shape[1]
+    if cols.dtype != torch.int64 or int(cols.min()) < 0 or int(cols.max()) >= n:  # the kernel reads pre[r, cols]
+        raise ValueError(f"cols must be int64 column indices in [0, {n})")
+    if bias is not None and bias.shape != (n,):
+        raise ValueError(f"bias must have shape [{n}], got {tuple(bias.shape)}")
     cols = cols.contiguous()
     vals, idx = torch.empty(n_rows, k), torch.empty(n_rows, k, dtype=torch.long)
     _check(bias, cols, vals, idx)

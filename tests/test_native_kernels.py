@@ -306,6 +306,10 @@ def test_topk_cols_unranked_picks_the_ranked_set_with_ties_and_infinities():
         assert torch.equal(vals, picked.clamp_min(0) if relu else picked)
     with pytest.raises(ValueError, match="k=5"):
         native.topk_cols(pre, None, cols[:4], 5, relu=False)
+    with pytest.raises(ValueError, match="column indices"):
+        native.topk_cols(pre, None, torch.tensor([0, 3000]), 1, relu=False)
+    with pytest.raises(ValueError, match="bias must have shape"):
+        native.topk_cols(pre, torch.zeros(10), cols, 1, relu=False)
 
 
 @pytest.mark.parametrize("threads", [1, 2])
