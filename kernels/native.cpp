@@ -394,17 +394,19 @@ i64 collect(const float* p, const float* bias, i64 n, const int32_t* cols, i64 c
 }
 
 // One row's top k of p + bias, for rows that resemble the ones before them: thr, the lowest k-th
-// value of recent rows, is usually below this row's k-th value and above all but a few elements.
-// One streaming pass over the row notes which vectors hold an element >= thr (no branch, little
-// work per vector: the pass runs at memory speed); their elements >= thr are then collected from
-// cache. If fewer than k reach thr, the whole row is collected. Returns false, leaving the row to
-// top_k_row, if it holds a NaN or an infinity or if ties overflow the buffer; true once done, with
-// *kth = the row's k-th value.
-bool top_k_stream(const float* p, const float* bias, i64 n, i64 k, float thr, bool relu, bool ranked, int32_t* pos,
-                 float* bv, int32_t* bc, float* scratch_v, uint64_t* keys, float* vals, i64* idx, float* kth) {
-  const __m256 vthr = _mm256_set1_ps(thr);
+// value of recent rows, is usually below this row's k-th value and above all but a few elements;
+// thr_hi, their median k-th value, is below it for about half the rows and reached by fewer
+// elements still. One streaming pass over the row notes which vectors hold an element >= thr and
+// which >= thr_hi (no branch, little work per vector: the pass runs at memory speed). The
+// elements >= thr_hi are then collected from cache; if fewer than k, those >= thr; if still fewer
+// than k, the whole row. Returns false, leaving the row to top_k_row, if it holds a NaN or an
+// infinity or if ties overflow the buffer; true once done, with *kth = the row's k-th value.
+bool top_k_stream(const float* p, const float* bias, i64 n, i64 k, float thr, float thr_hi, bool relu, bool ranked,
+                 int32_t* pos, int32_t* pos_hi, float* bv, int32_t* bc, float* scratch_v, uint64_t* keys, float* vals,
+                 i64* idx, float* kth) {
+  const __m256 vthr = _mm256_set1_ps(thr), vthr_hi = _mm256_set1_ps(thr_hi);
   __m256 sum = _mm256_setzero_ps();
-  i64 hits = 0;
+  i64 hits = 0, hits_hi = 0;
   for (i64 c = 0; c < n; c += 8) {
     // the row streams from memory: ask for it 1 KB ahead (measured ~5% faster than the hardware
     // prefetcher alone, which stops at each 4 KB page)
@@ -414,11 +416,17 @@ bool top_k_stream(const float* p, const float* bias, i64 n, i64 k, float thr, bo
     sum = _mm256_add_ps(sum, v);  // NaN or inf anywhere leaves the sum non-finite
     pos[hits] = (int32_t)c;
     hits += _mm256_movemask_ps(_mm256_cmp_ps(v, vthr, _CMP_GE_OQ)) != 0;
+    pos_hi[hits_hi] = (int32_t)c;
+    hits_hi += _mm256_movemask_ps(_mm256_cmp_ps(v, vthr_hi, _CMP_GE_OQ)) != 0;
   }
   const __m256 zero = _mm256_setzero_ps();
   if (_mm256_movemask_ps(_mm256_cmp_ps(_mm256_mul_ps(sum, zero), zero, _CMP_NEQ_UQ))) return false;
-  float t = thr;
-  i64 count = collect(p, bias, n, pos, hits, k, &t, bv, bc, scratch_v);
+  float t = thr_hi;
+  i64 count = collect(p, bias, n, pos_hi, hits_hi, k, &t, bv, bc, scratch_v);
+  if (count >= 0 && count < k) {
+    t = thr;
+    count = collect(p, bias, n, pos, hits, k, &t, bv, bc, scratch_v);
+  }
   if (count >= 0 && count < k) {
     t = -INFINITY;
     count = collect(p, bias, n, nullptr, 0, k, &t, bv, bc, scratch_v);
@@ -470,7 +478,7 @@ i64 sae_topk_rows(const float* pre, i64 ld, const float* bias, i64 n_rows, i64 n
 #ifdef __AVX2__
     const bool stream = n % 8 == 0 && k <= STREAM_CAP / 4;
     std::vector<float> bv(STREAM_CAP + 8), scratch_v(2 * (STREAM_CAP + 8));
-    std::vector<int32_t> bc(STREAM_CAP + 8), pos(n / 8 + 1);
+    std::vector<int32_t> bc(STREAM_CAP + 8), pos(n / 8 + 1), pos_hi(n / 8 + 1);
     float recent[STREAM_HISTORY];  // the k-th values of this thread's last rows
     i64 seen = 0;
 #endif
@@ -480,10 +488,16 @@ i64 sae_topk_rows(const float* pre, i64 ld, const float* bias, i64 n_rows, i64 n
       i64* ix = idx + r * k;
 #ifdef __AVX2__
       if (stream) {
-        float thr = -INFINITY, kth;
-        if (seen >= STREAM_HISTORY) thr = *std::min_element(recent, recent + STREAM_HISTORY);
-        if (top_k_stream(pre + r * ld, bias, n, k, thr, relu, ranked, pos.data(), bv.data(), bc.data(),
-                         scratch_v.data(), cand.data(), v, ix, &kth)) {
+        float thr = -INFINITY, thr_hi = -INFINITY, kth;
+        if (seen >= STREAM_HISTORY) {
+          float sorted[STREAM_HISTORY];
+          std::copy(recent, recent + STREAM_HISTORY, sorted);
+          std::nth_element(sorted, sorted + STREAM_HISTORY / 2, sorted + STREAM_HISTORY);
+          thr_hi = sorted[STREAM_HISTORY / 2];
+          thr = *std::min_element(sorted, sorted + STREAM_HISTORY);
+        }
+        if (top_k_stream(pre + r * ld, bias, n, k, thr, thr_hi, relu, ranked, pos.data(), pos_hi.data(), bv.data(),
+                         bc.data(), scratch_v.data(), cand.data(), v, ix, &kth)) {
           recent[seen++ % STREAM_HISTORY] = kth;
           continue;
         }
