@@ -8,8 +8,8 @@
 // so results do not depend on thread scheduling.
 //
 // Everything here but the optimizer is bound by memory, not arithmetic: the designs below are
-// about how many bytes move and whether they come from DRAM, L3 or L1 (DESIGN.md lists what was
-// measured, including what did not help).
+// about how many bytes move and whether they come from DRAM, L3 or L1 (benchmarks/README.md's
+// gemm_bound section lists what was measured, including what did not help).
 
 #include <algorithm>
 #include <cmath>
@@ -31,6 +31,16 @@ namespace {
 // guess; asking for them a few rows ahead roughly halves these kernels' time.
 constexpr i64 AHEAD = 4;
 
+#ifdef __AVX2__
+// The sum of a vector's eight lanes.
+inline float hsum(__m256 s) {
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
+  return _mm_cvtss_f32(h);
+}
+#endif
+
 // <a, b> with several independent partial sums: one vector accumulator would wait on the FMA
 // latency at every step.
 inline float dot(const float* a, const float* b, i64 d) {
@@ -44,11 +54,7 @@ inline float dot(const float* a, const float* b, i64 d) {
     s2 = _mm256_fmadd_ps(_mm256_loadu_ps(a + c + 16), _mm256_loadu_ps(b + c + 16), s2);
     s3 = _mm256_fmadd_ps(_mm256_loadu_ps(a + c + 24), _mm256_loadu_ps(b + c + 24), s3);
   }
-  const __m256 s = _mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3));
-  __m128 h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
-  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-  h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
-  total = _mm_cvtss_f32(h);
+  total = hsum(_mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3)));
 #endif
   for (; c < d; ++c) total += a[c] * b[c];
   return total;
@@ -74,11 +80,7 @@ inline float dot_axpy(const float* r, const float* w, float s, float* a, i64 d) 
     _mm256_storeu_ps(a + c, _mm256_fmadd_ps(vs, r0, _mm256_loadu_ps(a + c)));
     _mm256_storeu_ps(a + c + 8, _mm256_fmadd_ps(vs, r1, _mm256_loadu_ps(a + c + 8)));
   }
-  const __m256 sum = _mm256_add_ps(s0, s1);
-  __m128 h = _mm_add_ps(_mm256_castps256_ps128(sum), _mm256_extractf128_ps(sum, 1));
-  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-  h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
-  total = _mm_cvtss_f32(h);
+  total = hsum(_mm256_add_ps(s0, s1));
 #endif
   for (; c < d; ++c) {
     total += r[c] * w[c];
@@ -88,13 +90,6 @@ inline float dot_axpy(const float* r, const float* w, float s, float* a, i64 d) 
 }
 
 #ifdef __AVX2__
-inline float hsum(__m256 s) {
-  __m128 h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
-  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-  h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
-  return _mm_cvtss_f32(h);
-}
-
 // dot_axpy for four rows r[0..3] at once (d % 16 == 0): a += s[j] r[j] in that order and
 // dots[j] = <r[j], w>, with the same operations in the same order as four dot_axpy calls (so the
 // same results, bit for bit), but a stays in registers across the four rows: half the loads and
@@ -523,8 +518,8 @@ i64 sae_topk_cols(const float* pre, i64 ld, const float* bias, const i64* cols, 
   i64 bad = 0;
 #pragma omp parallel num_threads(threads) reduction(+ : bad)
   {
-    // the gathered values, a copy for the selection (+ room for its partitions), sort keys
-    std::vector<float> gathered(n_cols), work(3 * (n_cols + 8));
+    // the gathered values, a copy for the selection and room for its partitions, sort keys
+    std::vector<float> gathered(n_cols), work(2 * (n_cols + 8));
     std::vector<uint64_t> cand(n_cols);
 #pragma omp for schedule(static)
     for (i64 r = 0; r < n_rows; ++r) {
@@ -661,6 +656,15 @@ void sae_topk_grads(i64 N, i64 d, i64 n, const float* x, const float* xc, const 
       }
       for (i64 j = 0; j < m; ++j)
         if (eval[live[j]] > 0.f) egrad[live[j]] = (eaux[live[j]] ? g2 : 1.f) * dots[j];
+      m = 0;
+    };
+    // the held entries' share of an encoder gradient row
+    auto flush_enc = [&](float* a) {
+      if (m == 4 && blocked) {
+        axpy4(rows, coefs, a, d);
+      } else {
+        for (i64 j = 0; j < m; ++j) axpy(rows[j], coefs[j], a, d);
+      }
       m = 0;
     };
     // 0. bucket the entries (a stable counting sort, each thread counting its own tokens into
@@ -825,18 +829,10 @@ void sae_topk_grads(i64 N, i64 d, i64 n, const float* x, const float* xc, const 
         gb += gp;
         if (gp == 0.f) continue;
         rows[m] = xc + erow[e] * d;
-        coefs[m++] = gp;
-        if (m == 4) {
-          if (blocked) {
-            axpy4(rows, coefs, a, d);
-          } else {
-            for (i64 j = 0; j < 4; ++j) axpy(rows[j], coefs[j], a, d);
-          }
-          m = 0;
-        }
+        coefs[m] = gp;
+        if (++m == 4) flush_enc(a);
       }
-      for (i64 j = 0; j < m; ++j) axpy(rows[j], coefs[j], a, d);
-      m = 0;
+      flush_enc(a);
       store_uncached(dW_enc + l * d, a, d);
       db_enc[l] = gb;
       sumsq[l] += (double)gb * gb + dot(a, a, d);
