@@ -153,15 +153,21 @@ def _check(*tensors: torch.Tensor | None) -> None:
             raise ValueError(f"native kernels take contiguous CPU float32/int64 tensors, got {t.dtype} {t.device}")
 
 
+def _check_preacts(pre: torch.Tensor) -> None:
+    """Pre-activations the selection kernels read: float32 rows on CPU, strided or not."""
+    if pre.dim() != 2 or pre.dtype != torch.float32 or pre.device.type != "cpu" or pre.stride(1) != 1:
+        raise ValueError(f"pre must be a 2-D CPU float32 tensor with unit column stride, got {pre.dtype} "
+                         f"{pre.device} of shape {tuple(pre.shape)} and strides {pre.stride()}")
+
+
 def topk_rows(pre: torch.Tensor, bias: torch.Tensor | None, k: int, relu: bool,
               out: tuple[torch.Tensor, torch.Tensor] | None = None,
               ranked: bool = True) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Per-row top ``k`` of ``pre + bias`` (``pre`` [N, n] float32, rows may be strided), ranked
     unless ``ranked=False`` (then in no particular order: faster); None if a row holds a NaN (use
     ``torch.topk``, which ranks NaN first)."""
+    _check_preacts(pre)
     n_rows, n = pre.shape
-    if pre.stride(1) != 1:
-        raise ValueError("pre must have unit column stride")
     if not 0 < k <= n:  # the kernel would read and write past its buffers
         raise ValueError(f"k={k} must be between 1 and the number of columns ({n})")
     vals, idx = out if out is not None else (torch.empty(n_rows, k), torch.empty(n_rows, k, dtype=torch.long))
@@ -178,9 +184,8 @@ def topk_cols(pre: torch.Tensor, bias: torch.Tensor | None, cols: torch.Tensor, 
               relu: bool, ranked: bool = True) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Per-row top ``k`` of ``(pre + bias)[:, cols]``, as column indices, ranked unless
     ``ranked=False``; None on a NaN."""
+    _check_preacts(pre)
     n_rows = pre.shape[0]
-    if pre.stride(1) != 1:
-        raise ValueError("pre must have unit column stride")
     if not 0 < k <= cols.numel():
         raise ValueError(f"k={k} must be between 1 and the number of columns ({cols.numel()})")
     n = pre.shape[1]

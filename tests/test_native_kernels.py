@@ -415,6 +415,11 @@ def test_adam_with_renorm_rows_is_adam_then_unit_rows():
 def test_wrappers_refuse_tensors_they_cannot_take():
     with pytest.raises(ValueError, match="unit column stride"):
         native.topk_rows(torch.randn(10, 8).t(), None, 2, relu=False)
+    for wrong in (torch.randn(4, 64, dtype=torch.float64), torch.randn(64)):  # read as float32 rows, it was garbage
+        with pytest.raises(ValueError, match="2-D CPU float32"):
+            native.topk_rows(wrong, None, 2, relu=False)
+        with pytest.raises(ValueError, match="2-D CPU float32"):
+            native.topk_cols(wrong, None, torch.tensor([0, 5]), 1, relu=False)
     with pytest.raises(ValueError, match="float32"):
         native.prepare(torch.randn(4, 3), 1.0, torch.randn(3, dtype=torch.float64))
     with pytest.raises(ValueError, match="contiguous"):
